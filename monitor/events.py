@@ -1,0 +1,152 @@
+"""Process events, the one vocabulary every source speaks.
+
+Frozen, slotted dataclasses with a stable `type` string for the wire. An exit
+status that a source cannot know is `None`, never a made-up 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+from monitor.identity import ProcessKey
+
+# Evidence names: which mechanism saw the event. `relist` is a check of the
+# process's identity (gone from /proc, a zombie, or a reused PID) rather than an event.
+NETLINK = "netlink"
+PIDFD = "pidfd"
+EXIT_FILE = "exit_file"
+POLL = "poll"
+RELIST = "relist"
+FAKE = "fake"
+
+
+@dataclass(frozen=True, slots=True)
+class WaitStatus:
+    """A decoded wait(2) status: exactly one of exit_code and signal is set."""
+
+    exit_code: int | None
+    signal: int | None
+    core_dumped: bool
+
+    @classmethod
+    def decode(cls, status: int) -> WaitStatus:
+        if os.WIFSIGNALED(status):
+            return cls(None, os.WTERMSIG(status), os.WCOREDUMP(status))
+        return cls(os.WEXITSTATUS(status), None, False)
+
+
+@dataclass(frozen=True, slots=True)
+class Forked:
+    """`parent` created the new process `child` (thread creation is not a fork)."""
+
+    type: ClassVar[str] = "process.forked"
+    parent: ProcessKey
+    child: ProcessKey
+    source: str
+    kernel_ts_ns: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "pid": self.child.pid,
+            "ppid": self.parent.pid,
+            "child": self.child.to_dict(),
+            "parent": self.parent.to_dict(),
+            "source": self.source,
+            "kernel_ts_ns": self.kernel_ts_ns,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Execed:
+    """The process `key` replaced its program (same PID, same identity)."""
+
+    type: ClassVar[str] = "process.execed"
+    key: ProcessKey
+    source: str
+    kernel_ts_ns: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "pid": self.key.pid,
+            "key": self.key.to_dict(),
+            "source": self.source,
+            "kernel_ts_ns": self.kernel_ts_ns,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """The whole thread group of `key` is gone.
+
+    `exit_code` and `signal` are None when the source cannot know them. `kernel_ts_ns`
+    is CLOCK_MONOTONIC of the exit as the kernel stamped it (netlink only);
+    `observed_ns` is CLOCK_MONOTONIC when monitor learned of it.
+    """
+
+    type: ClassVar[str] = "process.exited"
+    key: ProcessKey
+    exit_code: int | None
+    signal: int | None
+    core_dumped: bool
+    kernel_ts_ns: int | None
+    source: str
+    observed_ns: int = 0
+
+    @classmethod
+    def from_wait_status(
+        cls, key: ProcessKey, status: int | None, source: str, kernel_ts_ns: int | None = None, observed_ns: int = 0
+    ) -> Exited:
+        if status is None:
+            return cls(key, None, None, False, kernel_ts_ns, source, observed_ns)
+        ws = WaitStatus.decode(status)
+        return cls(key, ws.exit_code, ws.signal, ws.core_dumped, kernel_ts_ns, source, observed_ns)
+
+    @property
+    def shell_status(self) -> int | None:
+        """What a shell would report: the exit code, or 128 + signal."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code
+
+    @property
+    def latency_ns(self) -> int | None:
+        if self.kernel_ts_ns is None or not self.observed_ns:
+            return None
+        return self.observed_ns - self.kernel_ts_ns
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "pid": self.key.pid,
+            "key": self.key.to_dict(),
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "core_dumped": self.core_dumped,
+            "source": self.source,
+            "kernel_ts_ns": self.kernel_ts_ns,
+            "latency_ns": self.latency_ns,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Overrun:
+    """The source lost events (a full receive buffer, a sequence gap).
+
+    The source resyncs by itself: every watched key is verified, and those that died
+    yield `Exited` after this event. `lost` is the number known lost, when known.
+    """
+
+    type: ClassVar[str] = "source.overrun"
+    source: str
+    lost: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "source": self.source, "lost": self.lost}
+
+
+Event = Union[Forked, Execed, Exited, Overrun]
+EVENT_TYPES = {cls.type: cls for cls in (Forked, Execed, Exited, Overrun)}

@@ -1,0 +1,133 @@
+"""Wire format of the kernel's proc connector (include/uapi/linux/cn_proc.h).
+
+Pure: constants, the messages we send, and the decoder of what the kernel sends.
+Every field is host-endian, and `timestamp_ns` sits at offset 44, which is not
+8-aligned, so layouts use `=` (no alignment) with explicit offsets:
+
+    offset  field
+     0      struct nlmsghdr      (len u32, type u16, flags u16, seq u32, pid u32)
+    16      struct cn_msg        (idx u32, val u32, seq u32, ack u32, len u16, flags u16)
+    36      struct proc_event    (what u32, cpu u32, timestamp_ns u64 @44, event_data @52)
+    52        fork: parent_pid, parent_tgid, child_pid, child_tgid
+              exec: process_pid, process_tgid
+              exit: process_pid, process_tgid, exit_code, exit_signal, parent_pid, parent_tgid
+              ack (what == 0): err
+    76      end
+
+A decoded record is the tuple (seq, what, cpu, timestamp_ns, d0, d1, d2, d3, d4, d5):
+the struct's own order, with d0..d5 the six 32-bit words of event_data. The native
+decoder in native/cnproc.c produces the very same tuples.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+CN_VAL_PROC = 1
+NLMSG_DONE = 3
+
+PROC_CN_MCAST_LISTEN = 1
+PROC_CN_MCAST_IGNORE = 2
+
+PROC_EVENT_NONE = 0x00000000  # the acknowledgement of a subscription
+PROC_EVENT_FORK = 0x00000001
+PROC_EVENT_EXEC = 0x00000002
+PROC_EVENT_UID = 0x00000004
+PROC_EVENT_GID = 0x00000040
+PROC_EVENT_SID = 0x00000080
+PROC_EVENT_PTRACE = 0x00000100
+PROC_EVENT_COMM = 0x00000200
+PROC_EVENT_NONZERO_EXIT = 0x20000000
+PROC_EVENT_COREDUMP = 0x40000000
+PROC_EVENT_EXIT = 0x80000000
+PROC_EVENT_ALL = (
+    PROC_EVENT_FORK | PROC_EVENT_EXEC | PROC_EVENT_UID | PROC_EVENT_GID | PROC_EVENT_SID
+    | PROC_EVENT_PTRACE | PROC_EVENT_COMM | PROC_EVENT_NONZERO_EXIT | PROC_EVENT_COREDUMP
+    | PROC_EVENT_EXIT
+)
+
+TYPE_BITS = {"fork": PROC_EVENT_FORK, "exec": PROC_EVENT_EXEC, "exit": PROC_EVENT_EXIT}
+
+NLMSGHDR = struct.Struct("=IHHII")
+CN_MSG = struct.Struct("=IIIIHH")
+RECORD = struct.Struct("=24xI8xIIQ6i")  # one whole 76-byte message, see the table above
+MESSAGE_SIZE = RECORD.size  # 76
+WHAT_OFFSET = 36
+
+# Classic BPF (include/uapi/linux/filter.h)
+SO_ATTACH_FILTER = 26
+BPF_LD_W_ABS = 0x20
+BPF_JMP_JEQ_K = 0x15
+BPF_RET_K = 0x06
+SOCK_FILTER = struct.Struct("=HBBI")
+
+Record = tuple[int, int, int, int, int, int, int, int, int, int]
+
+
+def mask_of(types: Iterable[str]) -> int:
+    """The kernel event mask for names among fork, exec, exit."""
+    mask = 0
+    for name in types:
+        try:
+            mask |= TYPE_BITS[name]
+        except KeyError:
+            raise ValueError(f"unknown event type {name!r}: choose from fork, exec, exit") from None
+    if not mask:
+        raise ValueError("at least one event type is needed")
+    return mask
+
+
+def subscribe_message(op: int, event_mask: int | None, seq: int = 0) -> bytes:
+    """A LISTEN/IGNORE request: with `event_mask`, the Linux >= 6.6 `struct proc_input`
+    (kernel-side filtering, and no privilege needed); without, the legacy 4-byte op."""
+    payload = struct.pack("=I", op) if event_mask is None else struct.pack("=II", op, event_mask)
+    cn = CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, seq, 0, len(payload), 0)
+    total = NLMSGHDR.size + len(cn) + len(payload)
+    return NLMSGHDR.pack(total, NLMSG_DONE, 0, seq, 0) + cn + payload
+
+
+def bpf_program(event_mask: int) -> bytes:
+    """A classic BPF filter that keeps messages whose `what` is in the mask (and acks).
+
+    For kernels before 6.6, which cannot filter by themselves. BPF_ABS loads are
+    big-endian while the field is host-endian, so constants are byte-swapped
+    into what the load will see.
+    """
+    accepted = [PROC_EVENT_NONE] + [bit for bit in (PROC_EVENT_FORK, PROC_EVENT_EXEC, PROC_EVENT_EXIT) if bit & event_mask]
+    n = len(accepted)
+    insns = [SOCK_FILTER.pack(BPF_LD_W_ABS, 0, 0, WHAT_OFFSET)]
+    for i, what in enumerate(accepted):
+        as_loaded = int.from_bytes(struct.pack("=I", what), "big")
+        insns.append(SOCK_FILTER.pack(BPF_JMP_JEQ_K, n - i, 0, as_loaded))
+    insns.append(SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0))
+    insns.append(SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0xFFFFFFFF))
+    return b"".join(insns)
+
+
+def decode(data: bytes) -> list[Record]:
+    """Every proc-connector message in one datagram, as records (see module docstring)."""
+    if len(data) == MESSAGE_SIZE:  # the kernel sends one message per datagram
+        return [RECORD.unpack(data)]  # type: ignore[list-item]
+    records: list[Record] = []
+    offset = 0
+    while offset + NLMSGHDR.size <= len(data):
+        length, nl_type = NLMSGHDR.unpack_from(data, offset)[:2]
+        if length < NLMSGHDR.size:
+            break
+        if nl_type == NLMSG_DONE and length >= MESSAGE_SIZE and offset + MESSAGE_SIZE <= len(data):
+            idx, val = CN_MSG.unpack_from(data, offset + NLMSGHDR.size)[:2]
+            if idx == CN_IDX_PROC and val == CN_VAL_PROC:
+                records.append(RECORD.unpack_from(data, offset))  # type: ignore[arg-type]
+        offset += (length + 3) & ~3  # NLMSG_ALIGN
+    return records
+
+
+def encode(seq: int, what: int, cpu: int, timestamp_ns: int, *data: int) -> bytes:
+    """One message as the kernel would send it; for tests and fixtures."""
+    words = list(data) + [0] * (6 - len(data))
+    body = struct.pack("=IIQ6i", what, cpu, timestamp_ns, *words)
+    cn = CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, seq, 0, len(body), 0)
+    return NLMSGHDR.pack(MESSAGE_SIZE, NLMSG_DONE, 0, seq, 0) + cn + body

@@ -1,0 +1,432 @@
+"""The proc connector: every fork, exec and exit on the host, the instant it happens.
+
+Its own non-blocking AF_NETLINK socket on the asyncio loop, decoded by
+`cnproc.decode` (or the native module in native/, which drains in batches with
+recvmmsg and drops unwatched events in C). pyroute2 is used only to open the
+socket inside another network namespace: its own ProcEventSocket decodes ~26x
+slower, cannot send the 6.6 filter, and dies on the first ENOBUFS (peers.md §2.A.3).
+
+Kernel facts this module is built on (drivers/connector/cn_proc.c):
+- Delivery is best effort: a full receive buffer makes recv() fail once with
+  ENOBUFS, and the per-CPU `seq` skips when a send failed. Either way events are
+  lost: we emit `Overrun` and verify every watched key (resync).
+- On Linux >= 6.6 a `struct proc_input` mask filters in the kernel (and needs no
+  privilege); with a mask the subscription's acknowledgement is filtered out too,
+  and outside the initial user/PID namespaces the subscription is silently
+  ignored, so the subscription is confirmed by spawning a child and seeing it.
+- Exit events come per thread. An exit with pid == tgid is the *leader thread*:
+  after pthread_exit in main the process lives on. The process is gone only when
+  its thread group is (the held pidfd polls readable, or /proc shows it defunct),
+  and its status is the one on the event that found it gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from typing import Any, Literal, Protocol
+
+from monitor.errors import AccessDenied, NoSuchProcess, SourceUnavailable
+from monitor.events import NETLINK, Execed, Forked
+from monitor.identity import ProcessKey, boot_id, read_stat
+from monitor.sources import cnproc
+from monitor.sources.base import EventSource, Watch
+from monitor.sources.cnproc import PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK, PROC_EVENT_NONE, Record
+from monitor.sources.pidfd import attach_pidfd, is_readable, pidfd_exit_status
+
+log = logging.getLogger(__name__)
+
+SO_RCVBUFFORCE = 33
+DEFAULT_RCVBUF = 16 << 20  # 16 MiB holds ~20,000 events: 0 loss in the 12k forks/s storm (peers.md §3a)
+DEFAULT_TYPES = ("fork", "exit")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KernelFilter = Literal["auto", "mask", "bpf", "none"]
+Decoder = Literal["auto", "native", "python"]
+
+
+def kernel_version() -> tuple[int, int]:
+    release = os.uname().release
+    try:
+        major, minor = release.split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    except ValueError:
+        return (0, 0)
+
+
+def kernel_has_event_mask() -> bool:
+    """`struct proc_input` filtering arrived in Linux 6.6 (commit 2aa1f7a1f47c)."""
+    return kernel_version() >= (6, 6)
+
+
+class Reader(Protocol):
+    """Drains the socket into records; the Python and the native one are interchangeable."""
+
+    decoder: str
+
+    def drain(self) -> tuple[list[Record], bool]: ...
+    def watch_tgid(self, tgid: int) -> None: ...
+    def unwatch_tgid(self, tgid: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class PythonReader:
+    """recv + `cnproc.decode`, one datagram at a time; filtering is left to the policy."""
+
+    decoder = "python"
+
+    def __init__(self, sock: socket.socket, batch: int) -> None:
+        self._recv = sock.recv
+        self._batch = batch
+
+    def drain(self) -> tuple[list[Record], bool]:
+        records: list[Record] = []
+        recv, decode, unpack, size = self._recv, cnproc.decode, cnproc.RECORD.unpack, cnproc.MESSAGE_SIZE
+        overrun = False
+        for _ in range(self._batch):
+            try:
+                data = recv(8192)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:
+                    raise
+                overrun = True  # reported once per overflow; the socket goes on working
+                continue
+            if len(data) == size:
+                records.append(unpack(data))  # type: ignore[arg-type]
+            else:
+                records.extend(decode(data))
+        return records, overrun
+
+    def watch_tgid(self, tgid: int) -> None:
+        pass
+
+    def unwatch_tgid(self, tgid: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def attach_bpf(sock: socket.socket, event_mask: int) -> None:
+    """Attach the classic BPF filter of `cnproc.bpf_program` (struct sock_fprog)."""
+    program = cnproc.bpf_program(event_mask)
+    insns = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("@HP", len(program) // cnproc.SOCK_FILTER.size, ctypes.addressof(insns))
+    sock.setsockopt(socket.SOL_SOCKET, cnproc.SO_ATTACH_FILTER, fprog)
+
+
+def _open_socket(netns: str | None) -> socket.socket:
+    if netns is None:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, cnproc.NETLINK_CONNECTOR)
+    # The connector lives only in the initial network namespace. setns() changes the
+    # calling thread only, and Python 3.11 has no os.setns, so a short-lived thread
+    # enters `netns` through pyroute2 and opens the socket there; the socket keeps it.
+    from pyroute2.netns import setns
+
+    result: list[socket.socket | BaseException] = []
+
+    def opener() -> None:
+        try:
+            setns(netns, flags=0)
+            result.append(socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, cnproc.NETLINK_CONNECTOR))
+        except BaseException as err:  # handed to the caller's thread
+            result.append(err)
+
+    thread = threading.Thread(target=opener, name="monitor-netns")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+class NetlinkSource(EventSource):
+    """Fork/exec/exit events from the kernel's proc connector."""
+
+    name = NETLINK
+    supports_all_events = True
+
+    def __init__(
+        self,
+        *,
+        types: tuple[str, ...] = DEFAULT_TYPES,
+        all_events: bool = False,
+        rcvbuf_bytes: int = DEFAULT_RCVBUF,
+        kernel_filter: KernelFilter = "auto",
+        decoder: Decoder = "auto",
+        netns: str | None = None,
+        confirm_timeout_s: float = 2.0,
+        batch: int = 256,
+    ) -> None:
+        super().__init__(all_events=all_events)
+        self.event_mask = cnproc.mask_of(types)
+        self.types = types
+        self.rcvbuf_bytes = rcvbuf_bytes
+        self.kernel_filter = kernel_filter
+        self.decoder = decoder
+        self.netns = netns
+        self.confirm_timeout_s = confirm_timeout_s
+        self.batch = batch
+        self._sock: socket.socket | None = None
+        self._reader: Reader | None = None
+        self._check_gaps = False
+        self._last_seq: dict[int, int] = {}
+        self._confirm: asyncio.Future[None] | None = None
+        self._probe_pids: set[int] = set()
+        self._leaderless: set[int] = set()  # all-events mode: leader gone, threads live on
+        self._boot_id = boot_id()
+        self._boot_offset_ns = 0
+        self.info: dict[str, Any] = {}
+
+    # -- opening and confirming ---------------------------------------------------------
+
+    async def _start(self) -> None:
+        try:
+            self._open()
+            await self._confirm_subscription()
+        except BaseException:
+            self._shutdown_socket()
+            raise
+
+    def _open(self) -> None:
+        try:
+            sock = _open_socket(self.netns)
+        except OSError as err:
+            raise SourceUnavailable(self.name, f"cannot open a NETLINK_CONNECTOR socket: {err.strerror or err} "
+                                    "(kernel built without CONFIG_CONNECTOR/CONFIG_PROC_EVENTS?)") from err
+        self._sock = sock
+        rcvbuf_forced = True
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf_bytes)
+        except PermissionError:  # needs CAP_NET_ADMIN; else the kernel caps at rmem_max
+            rcvbuf_forced = False
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf_bytes)
+        try:
+            sock.bind((0, cnproc.CN_IDX_PROC))
+        except PermissionError as err:
+            raise SourceUnavailable(self.name, "binding to the proc connector needs CAP_NET_ADMIN before Linux 6.6 "
+                                    f"(this is {os.uname().release})") from err
+        mode = self.kernel_filter
+        if mode == "auto":
+            mode = "mask" if kernel_has_event_mask() else "bpf"
+        if mode == "bpf":
+            attach_bpf(sock, self.event_mask)
+        self._check_gaps = mode == "none"  # filtered events still use up seq numbers
+        mask = self.event_mask if mode == "mask" else None
+        try:
+            sock.send(cnproc.subscribe_message(cnproc.PROC_CN_MCAST_LISTEN, mask))
+        except ConnectionRefusedError as err:
+            raise SourceUnavailable(self.name, "the proc connector exists only in the initial network namespace "
+                                    "(this process is in another; run with --netns /proc/1/ns/net as root)") from err
+        except PermissionError as err:
+            raise SourceUnavailable(self.name, f"subscription refused: {err.strerror}") from err
+        sock.setblocking(False)
+        native_mod = self._native_module()
+        if native_mod is not None:
+            self._reader = native_mod.NativeReader(sock.fileno(), self.all_events, self.batch)
+        else:
+            self._reader = PythonReader(sock, self.batch)
+        self._boot_offset_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+        self.info = {
+            "kernel_filter": mode,
+            "decoder": self._reader.decoder,
+            "rcvbuf_bytes": sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            "rcvbuf_forced": rcvbuf_forced,
+            "netns": self.netns,
+        }
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _native_module(self) -> Any:
+        if self.decoder == "python":
+            return None
+        from monitor.sources import native
+
+        if native.AVAILABLE:
+            return native
+        if self.decoder == "native":
+            raise SourceUnavailable(self.name, f"native decoder requested but unavailable: {native.REASON}")
+        return None
+
+    async def _confirm_subscription(self) -> None:
+        """See our own short-lived child's events, or call the source unavailable."""
+        assert self._loop is not None and self._reader is not None
+        self._confirm = self._loop.create_future()
+        own = os.getpid()
+        self._reader.watch_tgid(own)  # so the native filter lets the probe's fork through
+        try:
+            probe = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, close_fds=True)
+        except OSError as err:
+            raise SourceUnavailable(self.name, f"cannot spawn the subscription probe: {err}") from err
+        self._probe_pids.add(probe.pid)
+        self._reader.watch_tgid(probe.pid)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._confirm), self.confirm_timeout_s)
+        except TimeoutError as err:
+            raise SourceUnavailable(
+                self.name,
+                f"subscribed, but no event arrived within {self.confirm_timeout_s:g}s: the kernel ignores "
+                "proc-connector subscriptions outside the initial user and PID namespaces",
+            ) from err
+        finally:
+            probe.wait()
+            if own not in self._watches:
+                self._reader.unwatch_tgid(own)
+            self._reader.unwatch_tgid(probe.pid)
+            if not self.all_events:
+                self._probe_pids.clear()
+            self._confirm = None
+
+    async def _close(self) -> None:
+        self._shutdown_socket()
+
+    def _shutdown_socket(self) -> None:
+        if self._sock is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._sock.fileno())
+        with contextlib.suppress(OSError):
+            self._sock.send(cnproc.subscribe_message(cnproc.PROC_CN_MCAST_IGNORE, None))
+        if self._reader is not None:
+            self._reader.close()
+        self._sock.close()
+        self._sock = None
+
+    # -- watching ---------------------------------------------------------------------
+
+    def _attach(self, watch: Watch) -> None:
+        try:
+            attach_pidfd(watch)
+        except (AccessDenied, OSError) as err:
+            # No pidfd (EMFILE, seccomp): the group check falls back to /proc.
+            if isinstance(err, NoSuchProcess):
+                raise
+            log.debug("no pidfd for %s (%s); checking /proc instead", watch.key, err)
+            if not watch.key.is_alive() and read_stat(watch.key.pid) is None:
+                raise NoSuchProcess(watch.key.pid) from err
+        if self._reader is not None:
+            self._reader.watch_tgid(watch.key.pid)
+
+    def _release(self, watch: Watch) -> None:
+        if watch.fd is not None:
+            os.close(watch.fd)
+            watch.fd = None
+        if self._reader is not None:
+            self._reader.unwatch_tgid(watch.key.pid)
+
+    def _alive(self, watch: Watch) -> bool:
+        if watch.fd is not None:
+            return not is_readable(watch.fd)
+        return watch.key.is_alive()
+
+    def _exit_status(self, watch: Watch) -> int | None:
+        return pidfd_exit_status(watch)
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), **self.info}
+
+    # -- the event path ---------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        assert self._reader is not None
+        try:
+            records, overrun = self._reader.drain()
+        except OSError as err:
+            self._fail(err)
+            return
+        handle = self._handle
+        for record in records:
+            handle(record)
+        if overrun:
+            self._overrun()
+
+    def _handle(self, record: Record) -> None:
+        seq, what, cpu, ts, d0, d1, d2, d3, _d4, _d5 = record
+        if self._check_gaps and what != PROC_EVENT_NONE:
+            self._check_seq(cpu, seq)
+        if not what & self.event_mask and what != PROC_EVENT_NONE:
+            return  # unfiltered subscriptions (bpf before 6.6 still passes acks; "none" passes all)
+        if self._probe_pids and (d1 in self._probe_pids or (what == PROC_EVENT_FORK and d3 in self._probe_pids)):
+            self._on_probe_event(what, d1)
+            return
+        if what == PROC_EVENT_EXIT:
+            watch = self._watches.get(d1)
+            if watch is not None:
+                if self._group_gone(watch):
+                    self._finish(watch, d2, NETLINK, ts)
+                # else: the leader (or one thread) exited while others live on: not a death
+            elif self.all_events:
+                self._passing_exit(d0, d1, d2, ts)
+        elif what == PROC_EVENT_FORK:
+            if d2 != d3:
+                return  # a new thread, not a new process
+            watch = self._watches.get(d1)
+            if watch is not None and watch.descendants:
+                self._track_child(watch, self._new_child_key(d3, ts), ts, NETLINK)
+            elif self.all_events:
+                parent = watch.key if watch is not None else self._passing_key(d1)
+                self._emit(Forked(parent, self._passing_key(d3), NETLINK, ts))
+        elif what == PROC_EVENT_EXEC:
+            watch = self._watches.get(d1)
+            if watch is not None:
+                self._emit(Execed(watch.key, NETLINK, ts))
+            elif self.all_events:
+                self._emit(Execed(self._passing_key(d1), NETLINK, ts))
+        elif what == PROC_EVENT_NONE and self._confirm is not None and not self._confirm.done():
+            if d0 == 0:  # the acknowledgement of a legacy LISTEN: err == 0
+                self._confirm.set_result(None)
+
+    def _on_probe_event(self, what: int, tgid: int) -> None:
+        if self._confirm is not None and not self._confirm.done():
+            self._confirm.set_result(None)
+        if what == PROC_EVENT_EXIT and tgid in self._probe_pids:
+            self._probe_pids.discard(tgid)
+
+    def _group_gone(self, watch: Watch) -> bool:
+        if watch.fd is not None:
+            return is_readable(watch.fd)
+        return not watch.key.is_alive()
+
+    def _passing_key(self, pid: int) -> ProcessKey:
+        return ProcessKey(pid, None, self._boot_id)
+
+    def _passing_exit(self, pid: int, tgid: int, status: int, ts: int) -> None:
+        """An unwatched process's thread exited (all-events mode): is the process gone?"""
+        if pid != tgid and tgid not in self._leaderless:
+            return  # an ordinary thread exit
+        stat = read_stat(tgid)
+        if stat is not None and not stat.defunct:
+            self._leaderless.add(tgid)  # leader gone, threads live on: wait for the last
+            return
+        self._leaderless.discard(tgid)
+        watch = Watch(self._passing_key(tgid))
+        self._emit_exit(watch, status, NETLINK, ts)
+
+    def _new_child_key(self, pid: int, ts_ns: int) -> ProcessKey:
+        """The key of a child we saw forked: from /proc, or from the fork's own time.
+
+        A child that was already reaped has no /proc entry; its start time is then
+        computed from the kernel's (monotonic) fork timestamp, which is consistent
+        within this source, and that process can never be alive again anyway.
+        """
+        estimate = (ts_ns + self._boot_offset_ns) * CLK_TCK // 1_000_000_000
+        stat = read_stat(pid)
+        if stat is not None and abs(stat.start_time_ticks - estimate) <= 2:
+            return ProcessKey(pid, stat.start_time_ticks, self._boot_id)
+        return ProcessKey(pid, estimate, self._boot_id)
+
+    def _check_seq(self, cpu: int, seq: int) -> None:
+        last = self._last_seq.get(cpu)
+        self._last_seq[cpu] = seq
+        if last is not None and seq > last + 1:
+            self._overrun(seq - last - 1)
