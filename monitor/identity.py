@@ -89,12 +89,22 @@ def _psutil_start(pid: int) -> tuple[int, bool]:
         proc = psutil.Process(pid)
         with proc.oneshot():
             start = round(proc.create_time() * 1_000_000)
-            status = proc.status()
+            defunct = proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) and _threads(proc) <= 1
     except psutil.NoSuchProcess as err:
         raise NoSuchProcess(pid) from err
     except psutil.AccessDenied as err:
         raise AccessDenied(f"cannot read process {pid}: {err}") from err
-    return start, status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    return start, defunct
+
+
+def _threads(proc: Any) -> int:
+    """Thread count, for the zombie-leader case (see ProcStat.defunct); 1 if unknowable."""
+    import psutil
+
+    try:
+        return int(proc.num_threads())
+    except (psutil.Error, OSError):
+        return 1
 
 
 @dataclass(frozen=True, slots=True)

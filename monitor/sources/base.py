@@ -40,6 +40,8 @@ class EventSource:
     name: ClassVar[str] = "source"
     #: whether this source can stream events of every process on the host
     supports_all_events: ClassVar[bool] = False
+    #: the evidence named on an `Exited` that a check (not an event) found
+    found_dead_evidence: ClassVar[str] = RELIST
 
     def __init__(self, *, all_events: bool = False) -> None:
         self.all_events = all_events
@@ -132,17 +134,17 @@ class EventSource:
                 return
             # Another process held this PID before: the PID was reused, so the old
             # one is dead, whatever its watch said.
-            self._finish(old, self._exit_status(old), RELIST)
+            self._finish(old, self._exit_status(old), self.found_dead_evidence)
         watch = Watch(key, descendants)
         try:
             self._attach(watch)
         except NoSuchProcess:
             # Gone between making the key and watching it: that is an exit, verified.
-            self._emit_exit(watch, self._exit_status(watch), RELIST)
+            self._emit_exit(watch, self._exit_status(watch), self.found_dead_evidence)
             return
         self._watches[key.pid] = watch
         if not self._alive(watch):
-            self._finish(watch, self._exit_status(watch), RELIST)
+            self._finish(watch, self._exit_status(watch), self.found_dead_evidence)
 
     def unwatch(self, key: ProcessKey) -> None:
         watch = self._watches.get(key.pid)
@@ -195,7 +197,7 @@ class EventSource:
         self.counters["resyncs"] += 1
         dead = [w for w in list(self._watches.values()) if not self._alive(w)]
         for watch in dead:
-            self._finish(watch, self._exit_status(watch), RELIST)
+            self._finish(watch, self._exit_status(watch), self.found_dead_evidence)
         return len(dead)
 
     def _overrun(self, lost: int | None = None) -> None:

@@ -1,0 +1,326 @@
+"""The `monitor` command line: wait, events, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, TextIO
+
+from monitor import __version__
+from monitor.errors import MonitorError, NoSuchProcess, SourceUnavailable
+from monitor.events import Event, Execed, Exited, Forked, Overrun
+from monitor.identity import ProcessKey
+from monitor.sources import SOURCE_NAMES, open_source
+from monitor.waiting import wait_on
+
+EXIT_TIMEOUT = 124  # as timeout(1)
+EXIT_UNKNOWN_STATUS = 125  # the process ended, but no source here could tell how
+EXIT_USAGE = 2
+
+
+def _source_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "decoder": getattr(args, "decoder", None),
+        "netns": getattr(args, "netns", None),
+        "interval_s": getattr(args, "poll_interval", None),
+        "exit_dir": getattr(args, "exit_dir", None),
+    }
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def describe_exit(event: Exited) -> str:
+    if event.signal is not None:
+        how = f"killed by {_signal_name(event.signal)} ({event.signal})" + (", core dumped" if event.core_dumped else "")
+    elif event.exit_code is not None:
+        how = f"exited with code {event.exit_code}"
+    else:
+        how = "exited, status unknown"
+    latency = event.latency_ns
+    seen = f"seen by {event.source}" + (f" {latency / 1000:.0f} µs after the exit" if latency is not None else "")
+    return f"{event.key.pid}: {how} ({seen})"
+
+
+def _exit_json(event: Exited) -> dict[str, Any]:
+    return {**event.to_dict(), "status": event.shell_status}
+
+
+# -- wait ----------------------------------------------------------------------------------
+
+
+async def _wait(args: argparse.Namespace) -> int:
+    options = _source_options(args) | {"types": ("exit",)}
+    async with open_source(args.source, **options) as source:
+        keys = [ProcessKey.of(pid) for pid in args.pids]  # once listening: nothing falls between
+        try:
+            results = await wait_on(source, keys, any_=args.any, timeout=args.timeout)
+        except TimeoutError:
+            print(f"monitor wait: timed out after {args.timeout:g}s", file=sys.stderr)
+            return EXIT_TIMEOUT
+    for event in results:
+        print(json.dumps(_exit_json(event)) if args.json else describe_exit(event), flush=True)
+    # Like the shell's `wait PID...`: the status of the last PID named (or the first to end with --any).
+    deciding = results[0] if args.any else next(e for e in results if e.key == keys[-1])
+    status = deciding.shell_status
+    return EXIT_UNKNOWN_STATUS if status is None else status
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+def format_event(event: Event) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime()) + f".{time.time_ns() // 1000 % 1_000_000:06d}"
+    if isinstance(event, Forked):
+        return f"{stamp} fork  {event.child.pid:>7} parent {event.parent.pid}"
+    if isinstance(event, Execed):
+        return f"{stamp} exec  {event.key.pid:>7}"
+    if isinstance(event, Exited):
+        if event.signal is not None:
+            how = f"signal {event.signal} ({_signal_name(event.signal)})" + (" core" if event.core_dumped else "")
+        elif event.exit_code is not None:
+            how = f"code {event.exit_code}"
+        else:
+            how = "status unknown"
+        return f"{stamp} exit  {event.key.pid:>7} {how}"
+    return f"{stamp} LOST  events lost ({event.lost if event.lost is not None else 'count unknown'}); resynced"
+
+
+async def _events(args: argparse.Namespace, out: TextIO) -> int:
+    types = tuple(args.type)
+    following = args.pid is not None
+    # Following a tree needs the forks even when they are not printed.
+    kernel_types = tuple(sorted(set(types) | ({"fork", "exit"} if args.tree else {"exit"} if following else set())))
+    options = _source_options(args) | {"types": kernel_types, "all_events": not following}
+    async with open_source(args.source, **options) as source:
+        if following:
+            source.watch(ProcessKey.of(args.pid), descendants=args.tree)
+        wanted = {"fork": Forked, "exec": Execed, "exit": Exited}
+        printed = tuple(wanted[t] for t in types) + (Overrun,)
+        async for event in source:
+            if isinstance(event, printed):
+                out.write((json.dumps(event.to_dict()) if args.json else format_event(event)) + "\n")
+                out.flush()
+            if following and not source.watched():
+                return 0
+    return 0
+
+
+# -- doctor --------------------------------------------------------------------------------
+
+
+def _capabilities() -> dict[str, Any]:
+    info: dict[str, Any] = {"euid": os.geteuid()}
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        cap_eff = int(fields["CapEff"].strip(), 16)
+        info["cap_net_admin"] = bool(cap_eff & (1 << 12))
+        info["nspid"] = fields.get("NSpid", "").split()
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        with open("/proc/self/uid_map") as f:
+            info["initial_user_namespace"] = f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        pass
+    return info
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from monitor.sources import FALLBACK_ORDER, probe
+
+    report: dict[str, Any] = {"version": __version__, "platform": sys.platform, "kernel": os.uname().release}
+    report["process"] = _capabilities()
+    native_reason: str | None
+    try:
+        from monitor.sources import native
+
+        native_reason = native.REASON
+    except ImportError as err:
+        native_reason = str(err)
+    report["decoder"] = {"native_available": native_reason is None, "native_reason": native_reason,
+                         "in_use": "native" if native_reason is None else "python"}
+    sources = {}
+    with tempfile.TemporaryDirectory(prefix="monitor-doctor-") as exit_dir:
+        for name in ("netlink", "pidfd", "inotify", "poll"):
+            result = await probe(name, exit_dir=exit_dir, **{k: v for k, v in _source_options(args).items() if k != "exit_dir"})
+            sources[name] = {"available": result.available, "reason": result.reason, **result.details}
+    if sys.platform == "linux":
+        from monitor.sources.netlink import kernel_has_event_mask
+        from monitor.sources.pidfd import PIDFD_GET_INFO
+
+        report["kernel_event_mask"] = kernel_has_event_mask()
+        report["pidfd_get_info"] = _pidfd_get_info_works(PIDFD_GET_INFO)
+    report["sources"] = sources
+    report["selected"] = next((n for n in FALLBACK_ORDER if sources[n]["available"]), None)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_doctor(report)
+    return 0 if report["selected"] else 1
+
+
+def _pidfd_get_info_works(request: int) -> bool:
+    import fcntl
+
+    try:
+        fd = os.pidfd_open(os.getpid())
+    except (AttributeError, OSError):
+        return False
+    try:
+        fcntl.ioctl(fd, request, bytearray(64), True)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _print_doctor(report: dict[str, Any]) -> None:
+    proc = report["process"]
+    print(f"monitor {report['version']} on {report['platform']} {report['kernel']}")
+    print(f"euid {proc.get('euid')}, CAP_NET_ADMIN {'yes' if proc.get('cap_net_admin') else 'no'}, "
+          f"initial user namespace {'yes' if proc.get('initial_user_namespace') else 'no or unknown'}")
+    decoder = report["decoder"]
+    print(f"decoder: {decoder['in_use']}" + ("" if decoder["native_available"] else f" (native: {decoder['native_reason']})"))
+    if "kernel_event_mask" in report:
+        print(f"kernel event filter (>= 6.6): {'yes' if report['kernel_event_mask'] else 'no, BPF instead'}; "
+              f"PIDFD_GET_INFO (>= 6.15): {'yes' if report['pidfd_get_info'] else 'no'}")
+    print()
+    for name, info in report["sources"].items():
+        mark = "ok " if info["available"] else "-- "
+        detail = info["reason"]
+        if name == "netlink" and info["available"]:
+            detail = f"filter {info['kernel_filter']}, decoder {info['decoder']}, receive buffer {info['rcvbuf_bytes'] >> 20} MiB"
+        print(f"  {mark} {name:<8} {detail}")
+    print()
+    print(f"selected: {report['selected'] or 'none: no source works here'}")
+
+
+# -- the parser ----------------------------------------------------------------------------
+
+
+def _pid(text: str) -> int:
+    try:
+        pid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a PID: {text!r}") from None
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(f"not a PID: {text!r}")
+    return pid
+
+
+def _types(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in ("fork", "exec", "exit")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"event types are fork, exec, exit (comma-separated), got {text!r}")
+    return names
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=SOURCE_NAMES, help="force one source (default: netlink, else pidfd, else poll)")
+    p.add_argument("--decoder", choices=("auto", "native", "python"), help="netlink decoder (default auto)")
+    p.add_argument("--netns", metavar="PATH", help="open the netlink socket in this network namespace, e.g. /proc/1/ns/net")
+    p.add_argument("--poll-interval", type=float, metavar="S", help="interval of the poll source (default 1)")
+    p.add_argument("--exit-dir", metavar="DIR", help="directory of the launch wrapper's exit files (inotify source)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monitor", description="Process lifecycle monitor driven by kernel events.")
+    parser.add_argument("--version", action="version", version=f"monitor {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the sources do")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("wait", help="wait for processes to exit and report how they ended",
+                       description="Wait for processes (not only your children) to exit. Exits with the status of "
+                       "the last PID named (or the first to end with --any): its exit code or 128+signal; "
+                       f"{EXIT_TIMEOUT} on timeout, {EXIT_UNKNOWN_STATUS} when the status cannot be known, "
+                       f"{EXIT_USAGE} when a PID does not exist or cannot be watched.")
+    p.add_argument("pids", nargs="+", type=_pid, metavar="PID")
+    p.add_argument("--any", action="store_true", help="return when the first of them exits")
+    p.add_argument("--timeout", type=float, metavar="S", help=f"give up after S seconds (exit {EXIT_TIMEOUT})")
+    p.add_argument("--json", action="store_true", help="one JSON object per process")
+    _add_source_args(p)
+
+    p = sub.add_parser("events", help="stream fork/exec/exit events",
+                       description="Stream process events as they happen: every process on the host, or one "
+                       "process (and with --tree its descendants) until it is gone.")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--pid", type=_pid, help="follow this process only")
+    p.add_argument("--tree", action="store_true", help="with --pid: follow its descendants too")
+    p.add_argument("--type", type=_types, default=["fork", "exec", "exit"], metavar="fork,exec,exit",
+                   help="event types to show (default all three)")
+    _add_source_args(p)
+
+    p = sub.add_parser("doctor", help="which sources work here, and exactly why not")
+    p.add_argument("--json", action="store_true")
+    _add_source_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="monitor: %(levelname)s %(name)s: %(message)s")
+    if args.command == "events" and args.tree and args.pid is None:
+        parser.error("--tree needs --pid")
+    try:
+        if args.command == "wait":
+            return asyncio.run(_wait(args))
+        if args.command == "events":
+            return _run_events(args)
+        return asyncio.run(_doctor(args))
+    except NoSuchProcess as err:
+        print(f"monitor {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except SourceUnavailable as err:
+        print(f"monitor {args.command}: no usable event source: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except MonitorError as err:
+        print(f"monitor {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_events(args: argparse.Namespace) -> int:
+    """Runs the stream until its end, SIGINT/SIGTERM, or a reader that went away."""
+    async def run() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+        try:
+            return await _events(args, sys.stdout)
+        except asyncio.CancelledError:
+            return 0
+
+    try:
+        return asyncio.run(run())
+    except BrokenPipeError:
+        # The reader is gone (`monitor events | head`): end quietly, and keep Python
+        # from failing again while flushing stdout at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""`wait_for_exit` and `wait_for_exits`: block until processes have exited, with their status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from monitor.events import Exited
+from monitor.identity import ProcessKey
+from monitor.sources import open_source
+from monitor.sources.base import EventSource
+
+
+def _key(target: int | ProcessKey) -> ProcessKey:
+    return target if isinstance(target, ProcessKey) else ProcessKey.of(target)
+
+
+async def wait_on(
+    source: EventSource, keys: Iterable[ProcessKey], *, any_: bool = False, timeout: float | None = None
+) -> list[Exited]:
+    """Watch `keys` on a started source and return their `Exited` events in arrival order:
+    all of them, or the first with `any_`. Raises TimeoutError after `timeout` seconds."""
+    remaining = set(keys)
+    results: list[Exited] = []
+    for key in remaining:
+        source.watch(key)
+
+    async def collect() -> None:
+        async for event in source:
+            if isinstance(event, Exited) and event.key in remaining:
+                remaining.discard(event.key)
+                results.append(event)
+                if any_ or not remaining:
+                    return
+
+    try:
+        if remaining:
+            await asyncio.wait_for(collect(), timeout)
+    finally:
+        for key in remaining:
+            source.unwatch(key)
+    return results
+
+
+async def wait_for_exits(
+    targets: Iterable[int | ProcessKey], *, any_: bool = False, timeout: float | None = None,
+    source: str | None = None, **options: Any,
+) -> list[Exited]:
+    """Wait for processes (PIDs or keys) to exit; NoSuchProcess for a PID that does not exist."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    options.setdefault("types", ("exit",))
+    async with open_source(source, **options) as src:
+        # Keys are taken only once the source is listening, so no exit can fall between.
+        keys = [_key(t) for t in targets]
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return await wait_on(src, keys, any_=any_, timeout=left)
+
+
+async def wait_for_exit(target: int | ProcessKey, *, timeout: float | None = None, source: str | None = None, **options: Any) -> Exited:
+    """Wait for one process (a PID or a key) to exit and return how it ended."""
+    return (await wait_for_exits([target], timeout=timeout, source=source, **options))[0]
