@@ -26,10 +26,10 @@
  *                                  timestamp_ns u64 @44 (not 8-aligned here),
  *                                  event_data: six 32-bit words @52
  */
-#define NLMSG_HDRLEN_	16
-#define NLMSG_DONE_	3	/* include/uapi/linux/netlink.h */
-#define CN_IDX_PROC_	1	/* include/uapi/linux/connector.h */
-#define CN_VAL_PROC_	1
+#define NL_HDRLEN	16	/* NLMSG_HDRLEN */
+#define NL_DONE		3	/* NLMSG_DONE, include/uapi/linux/netlink.h */
+#define CN_IDX_PROC	1	/* include/uapi/linux/connector.h */
+#define CN_VAL_PROC	1
 #define OFF_TYPE	4
 #define OFF_IDX		16
 #define OFF_VAL		20
@@ -141,22 +141,22 @@ static size_t decode_from(const struct cn_state *st, const uint8_t *buf,
 		}
 		return n;
 	}
-	while (n < max && *off + NLMSG_HDRLEN_ <= len) {
+	while (n < max && *off + NL_HDRLEN <= len) {
 		const uint8_t *p = buf + *off;
 		size_t msg_len = get_u32(p);
 
-		if (msg_len < NLMSG_HDRLEN_)
+		if (msg_len < NL_HDRLEN)
 			break;
-		if (get_u16(p + OFF_TYPE) == NLMSG_DONE_ &&
+		if (get_u16(p + OFF_TYPE) == NL_DONE &&
 		    msg_len >= MESSAGE_SIZE && *off + MESSAGE_SIZE <= len &&
-		    get_u32(p + OFF_IDX) == CN_IDX_PROC_ &&
-		    get_u32(p + OFF_VAL) == CN_VAL_PROC_) {
+		    get_u32(p + OFF_IDX) == CN_IDX_PROC &&
+		    get_u32(p + OFF_VAL) == CN_VAL_PROC) {
 			unpack(p, out + n);
 			n += keep(st, out + n);
 		}
 		*off += (msg_len + 3) & ~(size_t)3;	/* NLMSG_ALIGN */
 	}
-	if (n < max || *off + NLMSG_HDRLEN_ > len)
+	if (n < max || *off + NL_HDRLEN > len)
 		*off = len;	/* nothing more to find in it */
 	return n;
 }

@@ -60,8 +60,10 @@ def python_filter(records: list[cnproc.Record], watched: set[int]) -> list[cnpro
     return [r for r in records if r[1] == PROC_EVENT_NONE or (r[1] in keep and r[5] in watched)]
 
 
-def drain_all(reader: Reader, post: Callable[[list[cnproc.Record]], list[cnproc.Record]] | None = None,
-              ) -> tuple[float, int, bool]:
+Filter = Callable[[list[cnproc.Record]], list[cnproc.Record]]
+
+
+def drain_all(reader: Reader, post: Filter | None) -> tuple[float, int, bool]:
     """Seconds to drain the backlog, records handed over, whether an overrun was seen."""
     count, overrun = 0, False
     start = time.perf_counter()
@@ -74,6 +76,15 @@ def drain_all(reader: Reader, post: Callable[[list[cnproc.Record]], list[cnproc.
     return time.perf_counter() - start, count, overrun
 
 
+# name, reader on a socket, filter applied in Python afterwards
+CASES: list[tuple[str, Callable[[socket.socket], Reader], Filter | None]] = [
+    ("python", lambda s: PythonReader(s, BATCH), None),
+    ("python + filter, watched", lambda s: PythonReader(s, BATCH), lambda rs: python_filter(rs, set())),
+    ("native, all", lambda s: native.NativeReader(s.fileno(), True, BATCH), None),
+    ("native, watched (none)", lambda s: native.NativeReader(s.fileno(), False, BATCH), None),
+]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--children", type=int, default=20_000)
@@ -83,32 +94,26 @@ def main() -> int:
         print(f"native unavailable: {native.REASON}", file=sys.stderr)
         return 1
 
-    names = ["python", "python+filter (watched)", "native (all)", "native (watched, none)"]
-    print(f"{'run':>3}  {'reader':<24} {'records':>8} {'ms':>8} {'Mrec/s':>7} {'ns/rec':>7}  overrun")
+    print(f"{'run':>3}  {'reader':<25} {'backlog':>8} {'passed':>8} {'ms':>7} {'Mev/s':>6} {'ns/ev':>6}  overrun")
     for run in range(1, args.repeat + 1):
-        socks = [subscribed_socket() for _ in names]
+        socks = [subscribed_socket() for _ in CASES]
         for sock in socks:
             flush(sock)
         fork_children(args.children)
-        readers: list[Reader] = [
-            PythonReader(socks[0], BATCH),
-            PythonReader(socks[1], BATCH),
-            native.NativeReader(socks[2].fileno(), True, BATCH),
-            native.NativeReader(socks[3].fileno(), False, BATCH),
-        ]
-        posts: list[Callable[[list[cnproc.Record]], list[cnproc.Record]] | None] = [
-            None, lambda rs: python_filter(rs, set()), None, None,
-        ]
         backlog = 0
-        for name, reader, post in zip(names, readers, posts, strict=True):
+        for (name, make_reader, post), sock in zip(CASES, socks, strict=True):
+            reader = make_reader(sock)
             seconds, count, overrun = drain_all(reader, post)
-            backlog = backlog or count  # the plain Python reader's count: every event received
-            print(f"{run:>3}  {name:<24} {count:>8} {seconds * 1e3:>8.1f} {backlog / seconds / 1e6:>7.2f} "
-                  f"{seconds / backlog * 1e9:>7.0f}  {overrun}")
             reader.close()
+            backlog = backlog or count  # the first, plain Python reader counts every event received
+            print(
+                f"{run:>3}  {name:<25} {backlog:>8} {count:>8} {seconds * 1e3:>7.1f} "
+                f"{backlog / seconds / 1e6:>6.2f} {seconds / backlog * 1e9:>6.0f}  {overrun}"
+            )
         for sock in socks:
+            sock.send(cnproc.subscribe_message(cnproc.PROC_CN_MCAST_IGNORE, None))
             sock.close()
-    print(f"(rates per event in the backlog, {args.children} children forked and reaped; batch {BATCH})")
+    print(f"(one backlog per run: {args.children} children forked and reaped, all sockets subscribed; batch {BATCH})")
     return 0
 
 

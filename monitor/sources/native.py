@@ -28,8 +28,11 @@ try:
     else:
         AVAILABLE = True
 except ImportError as err:
-    REASON = f"monitor._cnproc_native is not built ({err}): run python native/build.py"
-except Exception as err:  # noqa: BLE001 - a broken build must leave the Python decoder usable
+    if isinstance(err, ModuleNotFoundError) and err.name == "monitor._cnproc_native":
+        REASON = "monitor._cnproc_native is not built: run python native/build.py"
+    else:  # built against another Python, or cffi missing: say what the loader said
+        REASON = f"monitor._cnproc_native cannot be loaded ({err}): rebuild with python native/build.py"
+except Exception as err:  # a broken build must leave the Python decoder usable
     REASON = f"monitor._cnproc_native failed to load: {err}"
 
 
@@ -38,7 +41,10 @@ def _oserror(neg_errno: int) -> OSError:
 
 
 class NativeReader:
-    """recvmmsg in batches and decoding in C; events of unwatched processes never reach Python."""
+    """recvmmsg in batches and decoding in C; events of unwatched processes never reach Python.
+
+    For one thread (the event loop's): cffi drops the GIL in C, and watch_tgid may grow the bitmap.
+    """
 
     decoder = "native"
 

@@ -186,6 +186,7 @@ class NetlinkSource(EventSource):
         self._leaderless: set[int] = set()  # all-events mode: leader gone, threads live on
         self._boot_id = boot_id()
         self._boot_offset_ns = 0
+        self._nonce = int.from_bytes(os.urandom(4), "little") or 1
         self.info: dict[str, Any] = {}
 
     # -- opening and confirming ---------------------------------------------------------
@@ -220,11 +221,12 @@ class NetlinkSource(EventSource):
         if mode == "auto":
             mode = "mask" if kernel_has_event_mask() else "bpf"
         if mode == "bpf":
-            attach_bpf(sock, self.event_mask)
+            attach_bpf(sock, self.event_mask | PROC_EVENT_EXIT)
         self._check_gaps = mode == "none"  # filtered events still use up seq numbers
-        mask = self.event_mask if mode == "mask" else None
+        # Exits always: a watched key is owed its Exited, and the probe is confirmed by its exit.
+        mask = (self.event_mask | PROC_EVENT_EXIT) if mode == "mask" else None
         try:
-            sock.send(cnproc.subscribe_message(cnproc.PROC_CN_MCAST_LISTEN, mask))
+            sock.send(cnproc.subscribe_message(cnproc.PROC_CN_MCAST_LISTEN, mask, seq=self._nonce))
         except ConnectionRefusedError as err:
             raise SourceUnavailable(self.name, "the proc connector exists only in the initial network namespace "
                                     "(this process is in another; run with --netns /proc/1/ns/net as root)") from err
@@ -351,13 +353,11 @@ class NetlinkSource(EventSource):
             self._overrun()
 
     def _handle(self, record: Record) -> None:
-        seq, what, cpu, ts, d0, d1, d2, d3, _d4, _d5 = record
+        seq, what, cpu, ts, d0, d1, d2, d3, _d4, d5 = record
         if self._check_gaps and what != PROC_EVENT_NONE:
             self._check_seq(cpu, seq)
-        if not what & self.event_mask and what != PROC_EVENT_NONE:
-            return  # unfiltered subscriptions (bpf before 6.6 still passes acks; "none" passes all)
         if self._probe_pids and (d1 in self._probe_pids or (what == PROC_EVENT_FORK and d3 in self._probe_pids)):
-            self._on_probe_event(what, d1)
+            self._on_probe_event(what, d1, d5)
             return
         if what == PROC_EVENT_EXIT:
             watch = self._watches.get(d1)
@@ -365,8 +365,16 @@ class NetlinkSource(EventSource):
                 if self._group_gone(watch):
                     self._finish(watch, d2, NETLINK, ts)
                 # else: the leader (or one thread) exited while others live on: not a death
-            elif self.all_events:
+            elif self.all_events and self.event_mask & PROC_EVENT_EXIT:
                 self._passing_exit(d0, d1, d2, ts)
+        elif what == PROC_EVENT_NONE:
+            # The acknowledgement of a legacy LISTEN (err == 0). The kernel sends none
+            # outside the initial namespaces, and a masked subscription filters it out.
+            # Acks are multicast to every listener, so only the one echoing our nonce counts.
+            if d0 == 0 and seq == self._nonce and self._confirm is not None and not self._confirm.done():
+                self._confirm.set_result(None)
+        elif not what & self.event_mask:
+            return  # not asked for (before 6.6 the BPF filter, or "none", passes more)
         elif what == PROC_EVENT_FORK:
             if d2 != d3:
                 return  # a new thread, not a new process
@@ -382,12 +390,15 @@ class NetlinkSource(EventSource):
                 self._emit(Execed(watch.key, NETLINK, ts))
             elif self.all_events:
                 self._emit(Execed(self._passing_key(d1), NETLINK, ts))
-        elif what == PROC_EVENT_NONE and self._confirm is not None and not self._confirm.done():
-            if d0 == 0:  # the acknowledgement of a legacy LISTEN: err == 0
-                self._confirm.set_result(None)
 
-    def _on_probe_event(self, what: int, tgid: int) -> None:
-        if self._confirm is not None and not self._confirm.done():
+    def _on_probe_event(self, what: int, tgid: int, exit_parent_tgid: int) -> None:
+        """An event of our probe child. It confirms the subscription only when it names us
+        as the parent too: outside the initial PID namespace the kernel ignores our
+        subscription, yet its events (with host PIDs) may still reach the socket while
+        someone else listens, and a host PID may equal our probe's namespace PID."""
+        own = os.getpid()
+        ours = (what == PROC_EVENT_FORK and tgid == own) or (what == PROC_EVENT_EXIT and exit_parent_tgid == own)
+        if ours and self._confirm is not None and not self._confirm.done():
             self._confirm.set_result(None)
         if what == PROC_EVENT_EXIT and tgid in self._probe_pids:
             self._probe_pids.discard(tgid)

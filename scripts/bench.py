@@ -1,0 +1,1082 @@
+#!/usr/bin/env python3
+"""Benchmarks of monitor's event sources against baselines measured in the same run.
+
+    scripts/bench [--quick] [--only latency,storm,scale] [--out bench-results/latest.json]
+
+Three benchmarks, each reported as ratios against a baseline from this very run
+(this VM is noisy, so absolute numbers from another run are not comparable):
+
+latency  exit -> `Exited` in the Python consumer, p50/p99, for netlink (python and
+         native decoder), pidfd and polling, against a minimal C proc-connector
+         listener (the floor). Targets are NOT children of the listener.
+storm    two fork-storm generators plus 100 watched processes that exit during the
+         storm: are all 100 seen, were events lost, what CPU does the listener burn
+         per event, and how much of the storm the all-events mode captures.
+scale    memory, file descriptors and time to watch 10,000 processes.
+
+Every helper is a child of this process and is reaped here, even on Ctrl-C: PID 1
+on the benchmark VM does not reap orphans. As a safety net this process makes
+itself a child subreaper, so anything orphaned below it is reaped at the end too.
+
+The same file also runs the Python listeners, in their own processes (so their
+CPU and memory are theirs alone): `bench.py --role latency|storm|scale --method M`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import random
+import resource
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `monitor` without installing it
+C_DIR = ROOT / "scripts" / "bench_c"
+BENCHES = ("latency", "storm", "scale")
+
+
+class BenchError(Exception):
+    """A benchmark could not be carried out (a helper died, an answer never came)."""
+
+
+# ======================================================================================
+# Sizes
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class Sizes:
+    lat_rounds: int  # methods are interleaved: each round runs every method once
+    lat_event_n: int  # samples per event-driven method (all rounds together)
+    lat_poll_n: int  # psutil poll at 0.1 s
+    lat_kill_n: int  # kill(pid, 0) at 1 s: each sample takes ~1 s
+    lat_warmup: int  # samples dropped after each listener start (cold caches)
+    storm_s: float
+    storm_watched: int
+    scale_n: int
+
+
+FULL = Sizes(lat_rounds=5, lat_event_n=1000, lat_poll_n=200, lat_kill_n=30, lat_warmup=3,
+             storm_s=10.0, storm_watched=100, scale_n=10_000)
+QUICK = Sizes(lat_rounds=2, lat_event_n=50, lat_poll_n=10, lat_kill_n=4, lat_warmup=1,
+              storm_s=3.0, storm_watched=100, scale_n=1_000)
+
+
+# ======================================================================================
+# Small utilities
+# ======================================================================================
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; stdout carries only the tables."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_us() -> int:
+    """User+system CPU of this whole process (all threads) so far, in microseconds."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return round((ru.ru_utime + ru.ru_stime) * 1e6)
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return float("nan")
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def median(values: list[float]) -> float | None:
+    return percentile(sorted(values), 50) if values else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def fmt_us(us: float | None) -> str:
+    if us is None:
+        return "–"
+    if us >= 10_000:
+        return f"{us / 1000:.1f} ms"
+    return f"{us:.0f} µs"
+
+
+def fmt_x(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.2f}×" if x < 100 else f"{x:.0f}×"
+
+
+def fmt_num(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def read_pids(path: Path) -> list[int]:
+    """A native int32 array written by one of the C helpers."""
+    data = path.read_bytes()
+    return list(struct.unpack(f"={len(data) // 4}i", data))
+
+
+def matched_with_multiplicity(generated: list[int], captured: list[int]) -> int:
+    """How many generated exits were captured: PIDs wrap in a storm, so count each PID
+    as many times as it occurs on both sides (peers.md §3a score.py)."""
+    have = Counter(captured)
+    return sum(min(n, have[pid]) for pid, n in Counter(generated).items())
+
+
+# ======================================================================================
+# Child processes: every one registered, every one reaped
+# ======================================================================================
+
+HELPERS: list[Helper] = []
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Helper:
+    """A child process we talk to in lines over its stdin and stdout.
+
+    Each helper gets its own process group, so Ctrl-C reaches only this process,
+    which then stops the helpers in order instead of leaving their children
+    orphaned. `close()` always reaps it.
+    """
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                     process_group=0)
+        self.kill_on_abandon: list[int] = []  # pidfds of its children, SIGKILLed if we give up on it
+        self.ready: list[str] = []  # the words of its READY line
+        self._buf = b""
+        HELPERS.append(self)
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+
+    def go(self) -> None:
+        """One byte on stdin: the start signal of the C helpers."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"g")
+
+    def readline(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.name}: no answer within {timeout:g} s")
+            if select.select([fd], [], [], left)[0]:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise BenchError(f"{self.name} ended unexpectedly (exit status {self.proc.wait()})")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def expect_line(self, prefix: str, timeout: float) -> str:
+        """The next line starting with `prefix` (others are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.readline(max(0.0, deadline - time.monotonic()))
+            if line.startswith(prefix):
+                return line
+
+    def expect(self, prefix: str, timeout: float) -> list[str]:
+        return self.expect_line(prefix, timeout).split()
+
+    def close(self, timeout: float = 10.0, *, abandon: bool = False) -> int | None:
+        """Stop it and reap it; returns its exit status.
+
+        Normally: EOF on stdin, then SIGKILL if it is still there after `timeout`.
+        `abandon` (something went wrong): SIGKILL its children and it at once; the
+        children, orphaned, come to us as the subreaper (see reap_orphans).
+        """
+        if abandon and self.proc.returncode is None:
+            for fd in self.kill_on_abandon:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log(f"{self.name} did not stop within {timeout:g} s: killing it")
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        for fd in self.kill_on_abandon:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.kill_on_abandon.clear()
+        if self in HELPERS:
+            HELPERS.remove(self)
+        return self.proc.returncode
+
+
+def close_all_helpers() -> None:
+    for helper in reversed(list(HELPERS)):
+        helper.close(timeout=5.0, abandon=True)
+
+
+def become_subreaper() -> None:
+    """Orphans below us get reparented to us rather than to a PID 1 that never reaps."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log(f"cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
+
+
+def reap_orphans() -> int:
+    """Kill and reap any process still parented to us (the helpers are reaped by now)."""
+    me, reaped = os.getpid(), 0
+    for _ in range(5):
+        kids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == me:
+                kids.append(int(entry))
+        if not kids:
+            break
+        for pid in kids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in kids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+                reaped += 1
+    if reaped:
+        log(f"reaped {reaped} orphaned processes")
+    return reaped
+
+
+# ======================================================================================
+# Building the C helpers
+# ======================================================================================
+
+C_PROGRAMS = {"target": [], "cnlisten": ["-pthread"], "storm": [], "sleepers": [], "spawner": []}
+
+
+def build_c_helpers(outdir: Path) -> dict[str, str]:
+    """gcc -O2 every scripts/bench_c/*.c into `outdir` (a temp dir: no binaries in the tree)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise BenchError("gcc is needed to build the C helpers in scripts/bench_c/")
+    bins = {}
+    for name, extra in C_PROGRAMS.items():
+        out = outdir / name
+        cmd = [gcc, "-O2", "-Wall", *extra, "-o", str(out), str(C_DIR / f"{name}.c")]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BenchError(f"building {name}.c failed:\n{result.stderr}")
+        bins[name] = str(out)
+    return bins
+
+
+# ======================================================================================
+# The listener side: runs in its own process (`--role ...`)
+# ======================================================================================
+
+
+class KillPoller:
+    """Baseline: `kill(pid, 0)` every `interval_s`, as `tail --pid` does.
+
+    A zombie still answers kill(pid, 0), so this sees an exit only once the parent
+    reaped; the latency harness reaps at once. Same interface as a monitor source.
+    """
+
+    name = "kill0"
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._watched: dict[int, Any] = {}
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> KillPoller:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+            self._queue.put_nowait(None)
+
+    def watch(self, key: Any) -> None:
+        self._watched[key.pid] = key
+
+    def stats(self) -> dict[str, Any]:
+        return {"source": self.name, "watched": len(self._watched)}
+
+    def __aiter__(self) -> KillPoller:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+    async def _run(self) -> None:
+        from monitor.events import Exited
+
+        deadline = time.monotonic()
+        while True:
+            deadline += self.interval_s  # a fixed grid: the harness picks the exit's phase
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+            for pid, key in list(self._watched.items()):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    del self._watched[pid]
+                    self._queue.put_nowait(Exited.from_wait_status(key, None, self.name, None, time.monotonic_ns()))
+
+
+def make_source(method: str) -> Any:
+    """The source under test, by the method names used in the results."""
+    from monitor.sources.netlink import NetlinkSource
+    from monitor.sources.pidfd import PidfdSource
+    from monitor.sources.poll import PollSource
+
+    factories = {
+        "netlink_python": lambda: NetlinkSource(types=("exit",), decoder="python"),
+        "netlink_native": lambda: NetlinkSource(types=("exit",), decoder="native"),
+        "all_python": lambda: NetlinkSource(types=("exit",), all_events=True, decoder="python"),
+        "all_native": lambda: NetlinkSource(types=("exit",), all_events=True, decoder="native"),
+        "pidfd": PidfdSource,
+        "poll_psutil_100ms": lambda: PollSource(interval_s=0.1),
+        "kill0_1s": lambda: KillPoller(1.0),
+    }
+    return factories[method]()
+
+
+def say(line: str) -> None:
+    os.write(1, line.encode() + b"\n")
+
+
+class StdinLines:
+    """Calls `handler(line)` for each line on stdin, from the event loop; `on_eof()` at EOF."""
+
+    def __init__(self, handler: Any, on_eof: Any) -> None:
+        self._buf = b""
+        self._handler, self._on_eof = handler, on_eof
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(0, self._readable)
+
+    def _readable(self) -> None:
+        data = os.read(0, 1 << 16)
+        if not data:
+            self._loop.remove_reader(0)
+            self._on_eof()
+            return
+        self._buf += data
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            self._handler(line.decode())
+
+
+async def latency_role(method: str) -> None:
+    """Watch each PID the harness names; stamp each `Exited` as the consumer gets it.
+
+    Protocol: "W pid" -> watch, answer "W pid"; on the exit, "E pid t_consumer_ns
+    kernel_ts_ns observed_ns" (0 when unknown); "O" for an Overrun; EOF ends.
+    """
+    from monitor.events import Exited, Overrun
+    from monitor.identity import ProcessKey
+
+    async with make_source(method) as source:
+        def on_line(line: str) -> None:
+            pid = int(line.split()[1])
+            source.watch(ProcessKey.of(pid))
+            say(f"W {pid}")
+
+        loop = asyncio.get_running_loop()
+        StdinLines(on_line, lambda: loop.create_task(source.close()))
+        say("READY")
+        async for event in source:
+            t = time.monotonic_ns()  # the measurement: right after `async for` yields
+            if isinstance(event, Exited):
+                say(f"E {event.key.pid} {t} {event.kernel_ts_ns or 0} {event.observed_ns or 0}")
+            elif isinstance(event, Overrun):
+                say("O")
+
+
+async def storm_role(method: str, dump: str | None) -> None:
+    """Count the watched exits, Overruns and CPU through a storm.
+
+    Protocol: "W pid pid ..." -> watch them all, answer "W n"; "S" -> wait until the
+    events stop coming, answer "DONE {json}". In all-events mode every `Exited` PID
+    is written to `dump` (int32) for the harness to match against the generators.
+    """
+    from monitor.events import Exited, Overrun
+    from monitor.identity import ProcessKey
+
+    watched: set[int] = set()
+    seen: set[int] = set()
+    passing: list[int] = []
+    state = {"overruns": 0, "last_event": time.monotonic(), "cpu0": 0}
+    stop_requested = asyncio.Event()
+
+    async with make_source(method) as source:
+        def on_line(line: str) -> None:
+            words = line.split()
+            if words[0] == "W":
+                pids = [int(w) for w in words[1:]]
+                watched.update(pids)
+                for pid in pids:
+                    source.watch(ProcessKey.of(pid))
+                state["cpu0"] = cpu_us()  # the storm's CPU window starts here
+                say(f"W {len(pids)}")
+            elif words[0] == "S":
+                stop_requested.set()
+
+        async def consume() -> None:
+            async for event in source:
+                state["last_event"] = time.monotonic()
+                if isinstance(event, Exited):
+                    if event.key.pid in watched and event.key.start_time_ticks is not None:
+                        seen.add(event.key.pid)
+                    else:
+                        passing.append(event.key.pid)
+                elif isinstance(event, Overrun):
+                    state["overruns"] += 1
+
+        StdinLines(on_line, stop_requested.set)
+        consumer = asyncio.get_running_loop().create_task(consume())
+        say("READY")
+        await stop_requested.wait()
+        # Drain what is still queued: done once no event came for a while (capped, as
+        # other processes on the host keep exiting in all-events mode).
+        give_up = time.monotonic() + 10
+        while time.monotonic() - state["last_event"] < 0.3 and time.monotonic() < give_up:
+            await asyncio.sleep(0.05)
+        cpu = cpu_us() - state["cpu0"]
+        stats = source.stats()
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+    if dump:
+        Path(dump).write_bytes(struct.pack(f"={len(passing)}i", *passing))
+    say("DONE " + json.dumps({"watched": len(watched), "watched_exits_seen": len(seen & watched),
+                              "overruns": state["overruns"], "cpu_us": cpu, "passing_exits": len(passing),
+                              "stats": stats}))
+
+
+async def scale_role(method: str) -> None:
+    """Watch every PID in a file; report time, RSS and fds; then count the exits.
+
+    Protocol: "READY" after start; "F path" -> watch them all, answer "W {json}";
+    then "X last_exit_ns overruns" once all have exited; EOF ends.
+    """
+    from monitor.events import Exited, Overrun
+    from monitor.identity import ProcessKey
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a pidfd per watch
+    state = {"expected": -1, "exits": 0, "overruns": 0}
+
+    async with make_source(method) as source:
+        base = {"rss_kib": rss_kib(), "fds": open_fds(), "cpu_us": cpu_us()}
+
+        def on_line(line: str) -> None:
+            pids = [int(p) for p in Path(line.split(maxsplit=1)[1]).read_text().split()]
+            t0 = time.perf_counter()
+            keys = [ProcessKey.of(pid) for pid in pids]
+            t1 = time.perf_counter()
+            for key in keys:
+                source.watch(key)
+            t2 = time.perf_counter()
+            state["expected"] = len(pids)
+            say("W " + json.dumps({
+                "n": len(pids), "keys_s": t1 - t0, "watch_s": t2 - t1,
+                "rss_kib_before": base["rss_kib"], "rss_kib_after": rss_kib(),
+                "fds_before": base["fds"], "fds_after": open_fds(), "nofile_limit": hard,
+                "cpu_us": cpu_us() - base["cpu_us"], "watched": source.stats().get("watched"),
+            }))
+
+        loop = asyncio.get_running_loop()
+        StdinLines(on_line, lambda: loop.create_task(source.close()))
+        say("READY")
+        async for event in source:
+            if isinstance(event, Exited):
+                state["exits"] += 1
+                if state["exits"] == state["expected"]:
+                    say(f"X {time.monotonic_ns()} {state['overruns']}")
+            elif isinstance(event, Overrun):
+                state["overruns"] += 1
+
+
+def run_role(role: str, method: str, dump: str | None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)  # overrun warnings would flood the terminal
+    roles = {"latency": lambda: latency_role(method), "storm": lambda: storm_role(method, dump),
+             "scale": lambda: scale_role(method)}
+    asyncio.run(roles[role]())
+    return 0
+
+
+# ======================================================================================
+# Harness side
+# ======================================================================================
+
+
+@dataclass
+class Ctx:
+    bins: dict[str, str]
+    sizes: Sizes
+    tmp: Path
+    native: bool
+    rng: random.Random
+
+
+def python_listener(role: str, method: str, *extra: str) -> Helper:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--method", method, *extra]
+    return Helper(f"{role} listener ({method})", argv)
+
+
+def start_listener(ctx: Ctx, role: str, method: str, *extra: str) -> Helper:
+    """The listener for `method`, once it says READY (the subscription is confirmed)."""
+    if method == "c_listener":
+        helper = Helper("C listener", [ctx.bins["cnlisten"], "lat" if role == "latency" else "storm", *extra])
+    else:
+        helper = python_listener(role, method, *extra)
+    try:
+        helper.ready = helper.expect("READY", 30)
+    except BaseException:
+        helper.close(abandon=True)
+        raise
+    return helper
+
+
+# -- 1. latency -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyMethod:
+    key: str
+    label: str
+    samples: int
+    poll_period_s: float | None = None  # polling: the exit lands at a random phase of it
+    target_ratio: float | None = None  # the project's goal, as a multiple of the C listener
+
+    @property
+    def timeout_s(self) -> float:
+        return 3.0 if self.poll_period_s is None else 3 * self.poll_period_s + 2
+
+
+def latency_methods(ctx: Ctx) -> list[LatencyMethod]:
+    s = ctx.sizes
+    methods = [
+        LatencyMethod("c_listener", "C proc-connector listener (floor)", s.lat_event_n),
+        LatencyMethod("netlink_python", "netlink, python decoder", s.lat_event_n, target_ratio=1.15),
+        LatencyMethod("netlink_native", "netlink, native decoder", s.lat_event_n, target_ratio=1.15),
+        LatencyMethod("pidfd", "pidfd", s.lat_event_n, target_ratio=1.3),
+        LatencyMethod("poll_psutil_100ms", "poll (PollSource, 0.1 s)", s.lat_poll_n, poll_period_s=0.1),
+        LatencyMethod("kill0_1s", "kill(pid, 0) every 1 s", s.lat_kill_n, poll_period_s=1.0),
+    ]
+    if not ctx.native:
+        methods = [m for m in methods if m.key != "netlink_native"]
+    return methods
+
+
+def one_exit(ctx: Ctx, listener: Helper, method: LatencyMethod) -> dict[str, int] | None:
+    """Spawn a target, have the listener watch it, release it, reap it; time the exit.
+
+    The target is our child, not the listener's: the non-child case is what a
+    monitor of other people's processes faces. Returns None if no event came.
+    """
+    target = subprocess.Popen([ctx.bins["target"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    try:
+        listener.send(f"W {target.pid}")
+        listener.expect(f"W {target.pid}", 10)
+        if method.poll_period_s:
+            time.sleep(ctx.rng.uniform(0, method.poll_period_s))  # else polls phase-lock (peers.md §3c)
+        assert target.stdin is not None and target.stdout is not None
+        target.stdin.write(b"x")
+        target.wait()  # reap at once: a zombie still reads as alive to kill(pid, 0)
+        (t_exit,) = struct.unpack("=q", target.stdout.read(8))
+        try:
+            words = listener.expect(f"E {target.pid} ", method.timeout_s)
+        except BenchError:
+            if listener.proc.poll() is not None:
+                raise
+            return None
+    finally:
+        if target.returncode is None:
+            target.kill()
+            target.wait()
+        for pipe in (target.stdin, target.stdout):
+            if pipe is not None:
+                pipe.close()
+    sample = {"exit": t_exit, "consumer": int(words[2])}
+    if len(words) > 3 and int(words[3]):
+        sample["kernel"] = int(words[3])
+    if len(words) > 4 and int(words[4]):
+        sample["observed"] = int(words[4])
+    return sample
+
+
+def summarize_latency(samples: list[dict[str, int]], missed: int) -> dict[str, Any]:
+    total = sorted((s["consumer"] - s["exit"]) / 1000 for s in samples)
+    result: dict[str, Any] = {
+        "n": len(total), "missed": missed,
+        "p50_us": percentile(total, 50), "p90_us": percentile(total, 90), "p99_us": percentile(total, 99),
+        "mean_us": sum(total) / len(total) if total else None, "max_us": total[-1] if total else None,
+    }
+    # Where the time goes (medians): the kernel's own stamp of the exit event, and
+    # the source's `observed_ns` (set when it emitted the Exited), where known.
+    parts: dict[str, list[float]] = {"exit_to_kernel_us": [], "kernel_to_observed_us": [],
+                                     "observed_to_consumer_us": [], "exit_to_observed_us": []}
+    for s in samples:
+        if "kernel" in s:
+            parts["exit_to_kernel_us"].append((s["kernel"] - s["exit"]) / 1000)
+            parts["kernel_to_observed_us"].append((s.get("observed", s["consumer"]) - s["kernel"]) / 1000)
+        if "observed" in s:
+            parts["observed_to_consumer_us"].append((s["consumer"] - s["observed"]) / 1000)
+            parts["exit_to_observed_us"].append((s["observed"] - s["exit"]) / 1000)
+    result["breakdown_median_us"] = {k: median(v) for k, v in parts.items() if v}
+    result["samples_us"] = [round(x, 1) for x in total]
+    return result
+
+
+def bench_latency(ctx: Ctx) -> dict[str, Any]:
+    methods = latency_methods(ctx)
+    rounds = ctx.sizes.lat_rounds
+    samples: dict[str, list[dict[str, int]]] = {m.key: [] for m in methods}
+    missed = dict.fromkeys(samples, 0)
+    for r in range(rounds):
+        # Interleave: every method once per round, in a rotated order, so that slow
+        # phases of this noisy VM spread over all of them. One listener at a time:
+        # a second netlink listener would be woken by every exit too.
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        for method in order:
+            n = method.samples // rounds + (1 if r < method.samples % rounds else 0)
+            log(f"latency round {r + 1}/{rounds}: {method.key} x{n}")
+            listener = start_listener(ctx, "latency", method.key)
+            try:
+                warmup = ctx.sizes.lat_warmup if method.poll_period_s is None else 0
+                for i in range(warmup + n):
+                    sample = one_exit(ctx, listener, method)
+                    if i < warmup:
+                        continue
+                    if sample is None:
+                        missed[method.key] += 1
+                    else:
+                        samples[method.key].append(sample)
+            finally:
+                listener.close()
+    results = {m.key: {"label": m.label, "target_ratio": m.target_ratio, **summarize_latency(samples[m.key], missed[m.key])}
+               for m in methods}
+    floor = results["c_listener"]
+    for res in results.values():
+        res["ratio_p50"] = ratio(res["p50_us"], floor["p50_us"])
+        res["ratio_p99"] = ratio(res["p99_us"], floor["p99_us"])
+        if res["target_ratio"] is not None and res["ratio_p50"] is not None:
+            res["meets_target"] = res["ratio_p50"] <= res["target_ratio"] and res["ratio_p99"] <= res["target_ratio"]
+    out: dict[str, Any] = {"baseline": "c_listener", "rounds": rounds, "methods": results}
+    if not ctx.native:
+        out["methods"]["netlink_native"] = {"label": "netlink, native decoder", "status": "not built"}
+    return out
+
+
+def latency_tables(res: dict[str, Any]) -> str:
+    rows, parts_rows = [], []
+    for m in res["methods"].values():
+        if "p50_us" not in m:
+            rows.append([m["label"], m.get("status", "–"), "–", "–", "–", "–", "–", "–"])
+            continue
+        target = "–"
+        if m.get("target_ratio") is not None:
+            target = f"≤ {m['target_ratio']:.2f}× {'✔' if m.get('meets_target') else '✘'}"
+        n = str(m["n"]) + (f" ({m['missed']} missed)" if m["missed"] else "")
+        rows.append([m["label"], n, fmt_us(m["p50_us"]), fmt_us(m["p90_us"]), fmt_us(m["p99_us"]),
+                     fmt_x(m["ratio_p50"]), fmt_x(m["ratio_p99"]), target])
+        b = m["breakdown_median_us"]
+        if b:
+            parts_rows.append([m["label"], fmt_us(b.get("exit_to_kernel_us")), fmt_us(b.get("kernel_to_observed_us")),
+                               fmt_us(b.get("observed_to_consumer_us")), fmt_us(b.get("exit_to_observed_us"))])
+    table = md_table(["method", "n", "p50", "p90", "p99", "p50 vs C", "p99 vs C", "target"], rows)
+    parts = md_table(["method", "exit → kernel stamp", "kernel stamp → source emits (C: recv)",
+                      "source emits → consumer", "exit → source emits"], parts_rows)
+    return (f"{table}\n\nWhere the time goes (medians of per-exit differences; the kernel stamp is the "
+            f"proc connector's `timestamp_ns`, the source's is `Exited.observed_ns`):\n\n{parts}")
+
+
+# -- 2. storm ---------------------------------------------------------------------------
+
+
+def storm_methods(ctx: Ctx) -> list[str]:
+    methods = ["netlink_native", "netlink_python", "pidfd", "all_native", "all_python"]
+    return [m for m in methods if ctx.native or not m.endswith("native")]
+
+
+def start_sleepers(ctx: Ctx) -> tuple[Helper, list[int]]:
+    """The watched processes: children of their own helper, which reaps them."""
+    seed = ctx.rng.randrange(1 << 30)
+    argv = [ctx.bins["sleepers"], str(ctx.sizes.storm_watched), str(ctx.sizes.storm_s), str(seed)]
+    helper = Helper("sleepers", argv)
+    pids = [int(p) for p in helper.readline(30).split()]
+    for pid in pids:  # so that they can be killed safely (no PID reuse) if we give up
+        with contextlib.suppress(OSError):
+            helper.kill_on_abandon.append(os.pidfd_open(pid))
+    return helper, pids
+
+
+def per_1k(cpu_ms: float, count: int) -> float | None:
+    return cpu_ms / (count / 1000) if count else None
+
+
+def storm_run(ctx: Ctx, method: str) -> dict[str, Any]:
+    """One storm, with the C listener and the listener under test both listening to it."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"storm-{method}-", dir=ctx.tmp))
+    c_dump, py_dump = run_dir / "c.pids", run_dir / "listener.pids"
+    gen_files = [run_dir / f"gen{i}.pids" for i in range(2)]
+    helpers: list[Helper] = []
+    ok = False
+    try:
+        c_listener = start_listener(ctx, "storm", "c_listener", str(c_dump))
+        helpers.append(c_listener)
+        listener = start_listener(ctx, "storm", method, "--dump", str(py_dump))
+        helpers.append(listener)
+        sleepers, watched = start_sleepers(ctx)
+        helpers.append(sleepers)
+        listener.send("W " + " ".join(map(str, watched)))
+        listener.expect("W", 30)
+        gens = [Helper(f"storm generator {i}", [ctx.bins["storm"], str(ctx.sizes.storm_s), str(path)])
+                for i, path in enumerate(gen_files)]
+        helpers += gens
+        for gen in gens:
+            gen.expect("READY", 10)
+        for helper in (*gens, sleepers):  # go: the storm and the watched processes' clocks start together
+            helper.go()
+        gen_done = [gen.expect("DONE", ctx.sizes.storm_s + 30) for gen in gens]
+        sleepers.expect("DONE", 30)
+        time.sleep(1.0)  # the listeners drain their backlog (peers.md §3a waits 1 s too)
+        listener.send("S")
+        mine = json.loads(listener.expect_line("DONE", 60).split(" ", 1)[1])
+        c_listener.proc.send_signal(signal.SIGTERM)
+        c_done = c_listener.expect("DONE", 30)
+        ok = True
+    finally:
+        for helper in reversed(helpers):
+            helper.close(abandon=not ok)
+
+    forks = sum(int(d[1]) for d in gen_done)
+    events = 2 * forks  # one fork and one exit message per storm child
+    generated = [pid for path in gen_files for pid in read_pids(path)]
+    mine_ms = mine["cpu_us"] / 1000
+    c_ms = (int(c_done[4]) - int(c_listener.ready[1])) / 1000
+    c_captured = matched_with_multiplicity(generated, read_pids(c_dump))
+    result: dict[str, Any] = {
+        "forks": forks,
+        "fork_rate_per_s": sum(int(d[1]) / (int(d[2]) / 1e9) for d in gen_done),
+        "storm_events": events,
+        "listener": {
+            "decoder": mine["stats"].get("decoder"),
+            "watched": mine["watched"], "watched_exits_seen": mine["watched_exits_seen"],
+            "overruns": mine["overruns"], "cpu_ms": mine_ms,
+            "cpu_ms_per_1k_events": per_1k(mine_ms, events), "cpu_ms_per_1k_forks": per_1k(mine_ms, forks),
+            "stats": mine["stats"],
+        },
+        "c_listener": {
+            "cpu_ms": c_ms, "cpu_ms_per_1k_events": per_1k(c_ms, events), "cpu_ms_per_1k_forks": per_1k(c_ms, forks),
+            "exit_messages": int(c_done[2]), "enobufs": int(c_done[3]),
+            "captured": c_captured, "capture_ratio": c_captured / forks if forks else None,
+        },
+        "cpu_ratio_vs_c": ratio(mine_ms, c_ms),
+    }
+    if method.startswith("all_"):
+        captured = matched_with_multiplicity(generated, read_pids(py_dump))
+        result["listener"]["captured"] = captured
+        result["listener"]["capture_ratio"] = captured / forks if forks else None
+    return result
+
+
+def bench_storm(ctx: Ctx) -> dict[str, Any]:
+    runs: dict[str, Any] = {}
+    for method in storm_methods(ctx):
+        log(f"storm: {method}, {ctx.sizes.storm_s:g} s, {ctx.sizes.storm_watched} watched")
+        runs[method] = storm_run(ctx, method)
+    if not ctx.native:
+        runs["netlink_native"] = runs["all_native"] = {"status": "not built"}
+    return {"duration_s": ctx.sizes.storm_s, "generators": 2, "watched": ctx.sizes.storm_watched,
+            "netlink_types": ["exit"], "baseline": "c_listener (same storm, exit-only mask, 16 MiB)", "runs": runs}
+
+
+STORM_LABELS = {"netlink_native": "netlink, native decoder", "netlink_python": "netlink, python decoder",
+                "pidfd": "pidfd", "all_native": "netlink all-events, native decoder",
+                "all_python": "netlink all-events, python decoder"}
+
+
+def storm_tables(res: dict[str, Any]) -> str:
+    watched_rows, all_rows = [], []
+    for method, run in res["runs"].items():
+        label = STORM_LABELS.get(method, method)
+        if "listener" not in run:
+            (all_rows if method.startswith("all_") else watched_rows).append([label, run.get("status", "–")] + ["–"] * 6)
+            continue
+        me, c = run["listener"], run["c_listener"]
+        if method.startswith("all_"):
+            all_rows.append([
+                label, f"{run['fork_rate_per_s']:,.0f}", f"{me['captured']:,} / {run['forks']:,}",
+                f"{me['capture_ratio']:.2%}", f"{c['capture_ratio']:.2%}", str(me["overruns"]),
+                f"{fmt_num(me['cpu_ms_per_1k_events'], 2)} ms (C {fmt_num(c['cpu_ms_per_1k_events'], 2)})",
+                fmt_x(run["cpu_ratio_vs_c"]),
+            ])
+        else:
+            watched_rows.append([
+                label, f"{run['fork_rate_per_s']:,.0f}", f"{me['watched_exits_seen']} / {me['watched']}",
+                str(me["overruns"]), f"{fmt_num(me['cpu_ms_per_1k_events'], 2)} ms",
+                f"{fmt_num(me['cpu_ms_per_1k_forks'], 2)} ms", f"{fmt_num(c['cpu_ms_per_1k_events'], 2)} ms",
+                fmt_x(run["cpu_ratio_vs_c"]),
+            ])
+    watched = md_table(["listener", "storm forks/s", "watched exits seen", "overruns", "CPU / 1k storm events",
+                        "CPU / 1k forks", "C listener CPU / 1k events", "CPU vs C"], watched_rows)
+    everything = md_table(["listener", "storm forks/s", "storm exits captured", "capture ratio",
+                           "C capture ratio", "overruns", "CPU / 1k storm events", "CPU vs C"], all_rows)
+    return (f"Watching {res['watched']} processes during a {res['duration_s']:g} s storm of 2 fork generators "
+            f"(a storm event = one fork or exit message = 2 per fork):\n\n{watched}\n\n"
+            f"All-events mode (types=exit), capturing the generators' children, matched by PID with multiplicity:"
+            f"\n\n{everything}")
+
+
+# -- 3. scale ---------------------------------------------------------------------------
+
+
+def scale_methods(ctx: Ctx) -> list[str]:
+    return ["netlink_native", "netlink_python", "pidfd"] if ctx.native else ["netlink_python", "pidfd"]
+
+
+def scale_run(ctx: Ctx, method: str) -> dict[str, Any]:
+    n = ctx.sizes.scale_n
+    helpers: list[Helper] = []
+    ok = False
+    try:
+        t0 = time.perf_counter()
+        spawner = Helper("spawner", [ctx.bins["spawner"], str(n)])
+        helpers.append(spawner)
+        pids = []
+        while (line := spawner.readline(120)) != "READY":
+            pids.append(int(line))
+        spawn_s = time.perf_counter() - t0
+        pid_file = ctx.tmp / f"scale-{method}.pids"
+        pid_file.write_text("\n".join(map(str, pids)))
+        listener = start_listener(ctx, "scale", method)
+        helpers.append(listener)
+        listener.send(f"F {pid_file}")
+        watched = json.loads(listener.expect_line("W ", 600).split(" ", 1)[1])
+        t_kill = time.monotonic_ns()
+        spawner.proc.send_signal(signal.SIGTERM)  # it SIGKILLs all N and reaps them
+        x = listener.expect("X", 120)
+        spawner.expect("DONE", 120)
+        ok = True
+    finally:
+        for helper in reversed(helpers):
+            helper.close(abandon=not ok)
+    rss_delta = watched["rss_kib_after"] - watched["rss_kib_before"]
+    return {
+        "n": watched["n"], "watched": watched["watched"], "spawn_s": spawn_s,
+        "watch_s": watched["watch_s"], "keys_s": watched["keys_s"],
+        "watch_us_per_process": watched["watch_s"] / n * 1e6,
+        "rss_delta_kib": rss_delta, "rss_bytes_per_watch": rss_delta * 1024 / n,
+        "fds_delta": watched["fds_after"] - watched["fds_before"], "fds_after": watched["fds_after"],
+        "nofile_limit": watched["nofile_limit"], "cpu_ms_to_watch": watched["cpu_us"] / 1000,
+        "exit_burst_s": (int(x[1]) - t_kill) / 1e9, "exit_burst_overruns": int(x[2]),
+    }
+
+
+def bench_scale(ctx: Ctx) -> dict[str, Any]:
+    runs: dict[str, Any] = {}
+    for method in scale_methods(ctx):
+        log(f"scale: {method}, {ctx.sizes.scale_n} processes")
+        runs[method] = scale_run(ctx, method)
+    base = runs["pidfd"]
+    for run in runs.values():
+        run["rss_vs_pidfd"] = ratio(run["rss_delta_kib"], base["rss_delta_kib"])
+        run["watch_time_vs_pidfd"] = ratio(run["watch_s"], base["watch_s"])
+    if not ctx.native:
+        runs["netlink_native"] = {"status": "not built"}
+    return {"n": ctx.sizes.scale_n, "baseline": "pidfd", "runs": runs}
+
+
+def scale_table(res: dict[str, Any]) -> str:
+    rows = []
+    for method, run in res["runs"].items():
+        label = STORM_LABELS.get(method, method)
+        if "n" not in run:
+            rows.append([label, run.get("status", "–")] + ["–"] * 7)
+            continue
+        watch = f"{run['watch_s'] * 1000:,.0f} ms ({run['watch_us_per_process']:.0f} µs each)"
+        rows.append([
+            label, f"{run['watched']:,}", watch, f"{run['keys_s'] * 1000:,.0f} ms",
+            f"{run['rss_delta_kib'] / 1024:.1f} MiB ({run['rss_bytes_per_watch']:,.0f} B each)",
+            fmt_x(run["rss_vs_pidfd"]), f"+{run['fds_delta']:,}",
+            f"{run['exit_burst_s'] * 1000:,.0f} ms", str(run["exit_burst_overruns"]),
+        ])
+    table = md_table(["source", "watched", "time to watch", "ProcessKey.of for all", "RSS delta", "RSS vs pidfd", "open fds",
+                      "all exit → all Exited", "overruns"], rows)
+    return (f"{res['n']:,} idle processes watched (RSS and fds of the listener process; the last columns: "
+            f"SIGKILL all of them, time until the last `Exited`):\n\n{table}")
+
+
+# ======================================================================================
+# Report and entry point
+# ======================================================================================
+
+RUNNERS = {"latency": bench_latency, "storm": bench_storm, "scale": bench_scale}
+TABLES = {"latency": latency_tables, "storm": storm_tables, "scale": scale_table}
+TITLES = {"latency": "Exit latency (non-child process, exit → `Exited` in the consumer)",
+          "storm": "Fork storm", "scale": "Scale"}
+
+
+def native_status() -> tuple[bool, str | None]:
+    from monitor.sources import native
+
+    return bool(native.AVAILABLE), native.REASON
+
+
+def meta(args: argparse.Namespace, sizes: Sizes, seed: int) -> dict[str, Any]:
+    available, reason = native_status()
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kernel": platform.release(), "machine": platform.machine(),
+        "cpus": os.cpu_count(), "python": platform.python_version(), "quick": args.quick,
+        "sizes": sizes.__dict__, "seed": seed, "native_decoder": "built" if available else "not built",
+        "native_reason": reason,
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["meta"]
+    out = [f"Measured with `scripts/bench{' --quick' if m['quick'] else ''}` on {m['date'][:10]}: Linux {m['kernel']}, "
+           f"{m['cpus']} CPUs, Python {m['python']}. Every ratio is against a baseline measured in the same run.\n"]
+    for name in BENCHES:
+        if name not in results:
+            continue
+        out.append(f"### {TITLES[name]}\n")
+        res = results[name]
+        out.append(f"Failed: {res['error']}\n" if "error" in res else TABLES[name](res) + "\n")
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (well under a minute), for tests")
+    parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of: " + ", ".join(BENCHES))
+    parser.add_argument("--out", default="bench-results/latest.json", help="JSON results (the .md snippet goes next to it)")
+    parser.add_argument("--seed", type=int, default=None, help="for the random exit phases and sleep times")
+    parser.add_argument("--role", choices=("latency", "storm", "scale"), help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.role:
+        args.only = [b.strip() for b in args.only.split(",") if b.strip()]
+        unknown = set(args.only) - set(BENCHES)
+        if unknown or not args.only:
+            parser.error(f"--only takes a comma-separated subset of {', '.join(BENCHES)}")
+    return args
+
+
+def run_benchmarks(args: argparse.Namespace) -> int:
+    sizes = QUICK if args.quick else FULL
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    results: dict[str, Any] = {"meta": meta(args, sizes, seed)}
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="monitor-bench-") as tmp:
+        ctx = Ctx(build_c_helpers(Path(tmp)), sizes, Path(tmp), native_status()[0], random.Random(seed))
+        if not ctx.native:
+            log(f"native decoder not built: its rows say so ({results['meta']['native_reason']})")
+        for name in (b for b in BENCHES if b in args.only):
+            started = time.monotonic()
+            try:
+                results[name] = RUNNERS[name](ctx)
+            except BenchError as err:
+                log(f"{name} failed: {err}")
+                results[name] = {"error": str(err)}
+                failed = True
+            results[name]["elapsed_s"] = round(time.monotonic() - started, 1)
+            if "error" not in results[name]:
+                print(f"\n## {TITLES[name]}\n\n{TABLES[name](results[name])}\n", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    log(f"wrote {out} and {out.with_suffix('.md')}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.role:
+        return run_role(args.role, args.method, args.dump)
+    become_subreaper()
+    # SIGTERM must unwind through the finally below like Ctrl-C does, so that
+    # every helper (and every helper's children) is reaped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return run_benchmarks(args)
+    except BenchError as err:
+        log(f"error: {err}")
+        return 2
+    finally:
+        close_all_helpers()
+        reap_orphans()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
