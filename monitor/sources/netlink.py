@@ -138,6 +138,10 @@ def _open_socket(netns: str | None) -> socket.socket:
     def opener() -> None:
         try:
             setns(netns, flags=0)
+        except OSError as err:
+            result.append(SourceUnavailable(NETLINK, f"cannot enter network namespace {netns}: {err.strerror}"))
+            return
+        try:
             result.append(socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, cnproc.NETLINK_CONNECTOR))
         except BaseException as err:  # handed to the caller's thread
             result.append(err)
