@@ -20,6 +20,8 @@ from monitor.identity import ProcessKey
 from monitor.sources import SOURCE_NAMES, open_source
 from monitor.waiting import wait_on
 
+log = logging.getLogger("monitor.cli")
+
 EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_UNKNOWN_STATUS = 125  # the process ended, but no source here could tell how
 EXIT_USAGE = 2
@@ -104,16 +106,25 @@ async def _events(args: argparse.Namespace, out: TextIO) -> int:
     kernel_types = tuple(sorted(set(types) | ({"fork", "exit"} if args.tree else {"exit"} if following else set())))
     options = _source_options(args) | {"types": kernel_types, "all_events": not following}
     async with open_source(args.source, **options) as source:
+        alive: set[ProcessKey] = set()  # what we follow and have not seen end yet
         if following:
-            source.watch(ProcessKey.of(args.pid), descendants=args.tree)
+            root = ProcessKey.of(args.pid)
+            alive.add(root)
+            source.watch(root, descendants=args.tree)
+        log.info("listening with %s", source.name)
         wanted = {"fork": Forked, "exec": Execed, "exit": Exited}
         printed = tuple(wanted[t] for t in types) + (Overrun,)
         async for event in source:
             if isinstance(event, printed):
                 out.write((json.dumps(event.to_dict()) if args.json else format_event(event)) + "\n")
                 out.flush()
-            if following and not source.watched():
-                return 0
+            if following:
+                if isinstance(event, Forked):
+                    alive.add(event.child)
+                elif isinstance(event, Exited):
+                    alive.discard(event.key)
+                    if not alive:
+                        return 0
     return 0
 
 
@@ -233,6 +244,8 @@ def _types(text: str) -> list[str]:
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
+    # Also after the subcommand; SUPPRESS keeps it from resetting the top-level one.
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what the sources do")
     p.add_argument("--source", choices=SOURCE_NAMES, help="force one source (default: netlink, else pidfd, else poll)")
     p.add_argument("--decoder", choices=("auto", "native", "python"), help="netlink decoder (default auto)")
     p.add_argument("--netns", metavar="PATH", help="open the netlink socket in this network namespace, e.g. /proc/1/ns/net")
