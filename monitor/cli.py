@@ -113,7 +113,7 @@ async def _events(args: argparse.Namespace, out: TextIO) -> int:
             source.watch(root, descendants=args.tree)
         log.info("listening with %s", source.name)
         wanted = {"fork": Forked, "exec": Execed, "exit": Exited}
-        printed = tuple(wanted[t] for t in types) + (Overrun,)
+        printed = (*(wanted[t] for t in types), Overrun)
         async for event in source:
             if isinstance(event, printed):
                 out.write((json.dumps(event.to_dict()) if args.json else format_event(event)) + "\n")
@@ -188,6 +188,8 @@ async def _doctor(args: argparse.Namespace) -> int:
 def _pidfd_get_info_works(request: int) -> bool:
     import fcntl
 
+    if sys.platform != "linux":
+        return False
     try:
         fd = os.pidfd_open(os.getpid())
     except (AttributeError, OSError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from monitor.identity import ProcessKey
 
@@ -148,5 +148,5 @@ class Overrun:
         return {"type": self.type, "source": self.source, "lost": self.lost}
 
 
-Event = Union[Forked, Execed, Exited, Overrun]
+Event = Forked | Execed | Exited | Overrun
 EVENT_TYPES = {cls.type: cls for cls in (Forked, Execed, Exited, Overrun)}

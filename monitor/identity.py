@@ -38,7 +38,7 @@ class ProcStat:
     state: str
     ppid: int
     num_threads: int
-    start_time_ticks: int | None  # None: seen only in passing by an all-events stream
+    start_time_ticks: int
     exit_status: int  # field 52: raw wait status, meaningful only once the process is a zombie
 
     @property

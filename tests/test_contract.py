@@ -14,8 +14,8 @@ import textwrap
 import time
 
 import pytest
-
 from conftest import PYTHON, ROOT, Procs, SourceCase, arun, compile_c, events_for, next_exit
+
 from monitor.errors import NoSuchProcess
 from monitor.events import RELIST, Exited, Forked
 from monitor.identity import ProcessKey

@@ -8,8 +8,8 @@ import subprocess
 import textwrap
 
 import pytest
-
 from conftest import PYTHON, ROOT, Procs, arun, compile_c, events_for, next_exit
+
 from monitor.errors import SourceUnavailable
 from monitor.events import NETLINK, Event, Exited, Forked, Overrun
 from monitor.identity import ProcessKey

@@ -28,18 +28,17 @@ def create(name: str, **options: Any) -> EventSource:
     def pick(*names: str) -> dict[str, Any]:
         return {k: v for k, v in options.items() if k in names and v is not None}
 
-    if name == "netlink":
-        if sys.platform != "linux":
-            raise SourceUnavailable(name, f"the proc connector is Linux-only (this is {sys.platform})")
-        from monitor.sources.netlink import NetlinkSource
+    if name in ("netlink", "pidfd"):
+        # `if sys.platform == ...` (not a variable) so that type checkers for macOS skip these.
+        if sys.platform == "linux":
+            if name == "netlink":
+                from monitor.sources.netlink import NetlinkSource
 
-        return NetlinkSource(**pick("types", "all_events", "rcvbuf_bytes", "kernel_filter", "decoder", "netns", "confirm_timeout_s"))
-    if name == "pidfd":
-        if sys.platform != "linux":
-            raise SourceUnavailable(name, f"pidfd is Linux-only (this is {sys.platform})")
-        from monitor.sources.pidfd import PidfdSource
+                return NetlinkSource(**pick("types", "all_events", "rcvbuf_bytes", "kernel_filter", "decoder", "netns", "confirm_timeout_s"))
+            from monitor.sources.pidfd import PidfdSource
 
-        return PidfdSource(**pick("all_events", "child_scan_interval_s"))
+            return PidfdSource(**pick("all_events", "child_scan_interval_s"))
+        raise SourceUnavailable(name, f"{name} is Linux-only (this is {sys.platform})")
     if name == "inotify":
         from monitor.sources.inotify import ExitFileSource
 

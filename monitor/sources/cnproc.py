@@ -110,7 +110,7 @@ def bpf_program(event_mask: int) -> bytes:
 def decode(data: bytes) -> list[Record]:
     """Every proc-connector message in one datagram, as records (see module docstring)."""
     if len(data) == MESSAGE_SIZE:  # the kernel sends one message per datagram
-        return [RECORD.unpack(data)]  # type: ignore[list-item]
+        return [RECORD.unpack(data)]
     records: list[Record] = []
     offset = 0
     while offset + NLMSGHDR.size <= len(data):
@@ -120,7 +120,7 @@ def decode(data: bytes) -> list[Record]:
         if nl_type == NLMSG_DONE and length >= MESSAGE_SIZE and offset + MESSAGE_SIZE <= len(data):
             idx, val = CN_MSG.unpack_from(data, offset + NLMSGHDR.size)[:2]
             if idx == CN_IDX_PROC and val == CN_VAL_PROC:
-                records.append(RECORD.unpack_from(data, offset))  # type: ignore[arg-type]
+                records.append(RECORD.unpack_from(data, offset))
         offset += (length + 3) & ~3  # NLMSG_ALIGN
     return records
 

@@ -102,7 +102,7 @@ class PythonReader:
                 overrun = True  # reported once per overflow; the socket goes on working
                 continue
             if len(data) == size:
-                records.append(unpack(data))  # type: ignore[arg-type]
+                records.append(unpack(data))
             else:
                 records.extend(decode(data))
         return records, overrun

@@ -64,7 +64,7 @@ def exit_info(fd: int) -> int | None:
     fields = PIDFD_INFO.unpack(buf)
     if not fields[0] & PIDFD_INFO_EXIT:
         return None
-    return fields[-1]
+    return int(fields[-1])
 
 
 def child_status(fd: int) -> int | None:
