@@ -63,6 +63,7 @@ _Static_assert(sizeof(struct cn_record) == 48, "cn_record layout");
 
 struct cn_state {
 	uint8_t *bitmap;	/* watched tgids */
+	uint8_t *tree;		/* watched tgids whose new children are watched too */
 	uint32_t nbits;
 	int all_events;
 	int pending_err;	/* an error met after records were already written */
@@ -99,24 +100,39 @@ static void unpack(const uint8_t *p, struct cn_record *r)
 	memcpy(r->d, p + OFF_DATA, sizeof(r->d));
 }
 
-static int watched(const struct cn_state *st, int32_t tgid)
+static int bit(const uint8_t *map, uint32_t nbits, int32_t tgid)
 {
-	return tgid >= 0 && (uint32_t)tgid < st->nbits &&
-	       (st->bitmap[tgid >> 3] >> (tgid & 7) & 1);
+	return tgid >= 0 && (uint32_t)tgid < nbits && (map[tgid >> 3] >> (tgid & 7) & 1);
 }
 
-/* The policy's filter: acks, and fork/exec/exit of watched thread groups (d1). */
-static int keep(const struct cn_state *st, const struct cn_record *r)
+static void set_bit(uint8_t *map, uint32_t nbits, int32_t tgid)
+{
+	if (tgid >= 0 && (uint32_t)tgid < nbits)
+		map[tgid >> 3] |= 1u << (tgid & 7);
+}
+
+/*
+ * The policy's filter: acks, and fork/exec/exit of watched thread groups (d1).
+ * A new process forked by a tree-watched parent is watched (as a tree) from here
+ * on, at once: its own exec and forks may be in this very batch, before Python
+ * has seen the fork and asked for it.
+ */
+static int keep(struct cn_state *st, const struct cn_record *r)
 {
 	if (!st || st->all_events)
 		return 1;
 	switch (r->what) {
 	case PROC_EVENT_NONE:
 		return 1;
-	case PROC_EVENT_FORK:	/* d1 = parent_tgid */
+	case PROC_EVENT_FORK:	/* d1 = parent_tgid, d2 = child_pid, d3 = child_tgid */
+		if (r->d[2] == r->d[3] && bit(st->tree, st->nbits, r->d[1])) {
+			set_bit(st->bitmap, st->nbits, r->d[3]);
+			set_bit(st->tree, st->nbits, r->d[3]);
+		}
+		return bit(st->bitmap, st->nbits, r->d[1]);
 	case PROC_EVENT_EXEC:	/* d1 = process_tgid */
 	case PROC_EVENT_EXIT:	/* d1 = process_tgid */
-		return watched(st, r->d[1]);
+		return bit(st->bitmap, st->nbits, r->d[1]);
 	default:
 		return 0;
 	}
@@ -127,7 +143,7 @@ static int keep(const struct cn_state *st, const struct cn_record *r)
  * cnproc.decode() does; st == NULL means no filtering. Advances *off past what
  * was consumed, and sets it to len once the datagram is done.
  */
-static size_t decode_from(const struct cn_state *st, const uint8_t *buf,
+static size_t decode_from(struct cn_state *st, const uint8_t *buf,
 			  size_t len, size_t *off, struct cn_record *out,
 			  size_t max)
 {
@@ -179,7 +195,10 @@ struct cn_state *cn_new(int all_events)
 		pid_max = PID_MAX_LIMIT;
 	st->nbits = (uint32_t)(pid_max + 7) & ~7u;
 	st->bitmap = calloc(st->nbits / 8, 1);
-	if (!st->bitmap) {
+	st->tree = calloc(st->nbits / 8, 1);
+	if (!st->bitmap || !st->tree) {
+		free(st->bitmap);
+		free(st->tree);
 		free(st);
 		return NULL;
 	}
@@ -195,33 +214,48 @@ struct cn_state *cn_new(int all_events)
 
 void cn_free(struct cn_state *st)
 {
-	if (st)
+	if (st) {
 		free(st->bitmap);
+		free(st->tree);
+	}
 	free(st);
 }
 
-int cn_watch(struct cn_state *st, int32_t tgid)
+static int grow(uint8_t **map, uint32_t old_bits, uint32_t nbits)
+{
+	uint8_t *bigger = realloc(*map, nbits / 8);
+
+	if (!bigger)
+		return -ENOMEM;
+	memset(bigger + old_bits / 8, 0, (nbits - old_bits) / 8);
+	*map = bigger;
+	return 0;
+}
+
+/* Watch a thread group; with tree, the processes it forks are watched too. */
+int cn_watch(struct cn_state *st, int32_t tgid, int tree)
 {
 	if (tgid < 0 || tgid >= PID_MAX_LIMIT)
 		return -EINVAL;
 	if ((uint32_t)tgid >= st->nbits) {
 		uint32_t nbits = ((uint32_t)tgid + 1 + 8191) & ~8191u;
-		uint8_t *bitmap = realloc(st->bitmap, nbits / 8);
 
-		if (!bitmap)
-			return -ENOMEM;
-		memset(bitmap + st->nbits / 8, 0, (nbits - st->nbits) / 8);
-		st->bitmap = bitmap;
+		if (grow(&st->bitmap, st->nbits, nbits) || grow(&st->tree, st->nbits, nbits))
+			return -ENOMEM;	/* a grown first map is harmless: its size is only a capacity */
 		st->nbits = nbits;
 	}
-	st->bitmap[tgid >> 3] |= 1u << (tgid & 7);
+	set_bit(st->bitmap, st->nbits, tgid);
+	if (tree)
+		set_bit(st->tree, st->nbits, tgid);
 	return 0;
 }
 
 void cn_unwatch(struct cn_state *st, int32_t tgid)
 {
-	if (tgid >= 0 && (uint32_t)tgid < st->nbits)
+	if (tgid >= 0 && (uint32_t)tgid < st->nbits) {
 		st->bitmap[tgid >> 3] &= (uint8_t)~(1u << (tgid & 7));
+		st->tree[tgid >> 3] &= (uint8_t)~(1u << (tgid & 7));
+	}
 }
 
 /*

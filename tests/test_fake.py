@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import arun
+
 from monitor.events import FAKE, RELIST, Event, Execed, Exited, Forked, Overrun
 from monitor.identity import ProcessKey
 from monitor.sources.fake import FakeSource

@@ -6,8 +6,8 @@ import os
 import signal
 
 import pytest
-
 from conftest import Procs
+
 from monitor import identity
 from monitor.errors import NoSuchProcess
 from monitor.identity import ProcessKey, parse_stat, read_stat, zombie_exit_status

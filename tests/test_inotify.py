@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import PYTHON, Procs, arun, next_exit
+
 from monitor.events import EXIT_FILE, Exited
 from monitor.identity import ProcessKey
 from monitor.sources.inotify import ExitFileSource, read_exit_file

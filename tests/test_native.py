@@ -230,7 +230,8 @@ def test_drain_filters_by_watched_tgid() -> None:
             watched.watch_tgid(me)
             watched.watch_tgid(1)
             watched.unwatch_tgid(1)
-            subprocess.run(["true"], check=True)
+            child = subprocess.Popen(["true"])
+            child.wait()
             for sock in (watched_sock, all_sock, py_sock):  # all three saw the same events until here
                 stop(sock)
             got, lost = drain_all(watched, watched_sock.fileno())
@@ -240,11 +241,9 @@ def test_drain_filters_by_watched_tgid() -> None:
             for reader in (watched, everything, python):
                 reader.close()
         assert not (lost or lost_all or lost_py)
-        forks = [r for r in got if r[1] == PROC_EVENT_FORK and r[5] == me and r[6] == r[7]]
-        assert forks, got
-        child_pid = forks[-1][7]
-        assert not [r for r in got if r[1] in (PROC_EVENT_EXEC, PROC_EVENT_EXIT) and r[5] == child_pid]
-        assert [r for r in got_all if r[1] == PROC_EVENT_EXIT and r[5] == child_pid]  # it did exit
+        assert [r for r in got if r[1] == PROC_EVENT_FORK and r[5] == me and r[6] == r[7] == child.pid], got
+        assert not [r for r in got if r[1] in (PROC_EVENT_EXEC, PROC_EVENT_EXIT) and r[5] == child.pid]
+        assert [r for r in got_all if r[1] == PROC_EVENT_EXIT and r[5] == child.pid]  # it did exit
         assert all(passes(r, {me}) for r in got)
         assert [r for r in got if r[1] == PROC_EVENT_NONE]  # acks pass (the later sockets' LISTENs)
         # The same events as the Python reader and filter. Each socket saw the acks of its

@@ -8,7 +8,6 @@ import subprocess
 import textwrap
 
 import pytest
-
 from conftest import PYTHON, ROOT
 
 # The modules a macOS process imports: the package, the CLI, and the portable sources.

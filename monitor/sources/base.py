@@ -140,6 +140,7 @@ class EventSource:
             self._attach(watch)
         except NoSuchProcess:
             # Gone between making the key and watching it: that is an exit, verified.
+            self._release(watch)
             self._emit_exit(watch, self._exit_status(watch), self.found_dead_evidence)
             return
         self._watches[key.pid] = watch

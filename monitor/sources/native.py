@@ -76,10 +76,11 @@ class NativeReader:
             self._overrun[0] = 0
         return list(self._unpack(self._view[: n * RECORD.size])), overrun
 
-    def watch_tgid(self, tgid: int) -> None:
+    def watch_tgid(self, tgid: int, tree: bool = False) -> None:
+        """Let this thread group's events through; with `tree`, those of its new children too."""
         if self._state is None:
             raise ValueError("watch_tgid() on a closed NativeReader")
-        ret = _lib.cn_watch(self._state, tgid)
+        ret = _lib.cn_watch(self._state, tgid, int(tree))
         if ret < 0:
             raise _oserror(ret)
 

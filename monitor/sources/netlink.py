@@ -73,7 +73,7 @@ class Reader(Protocol):
     decoder: str
 
     def drain(self) -> tuple[list[Record], bool]: ...
-    def watch_tgid(self, tgid: int) -> None: ...
+    def watch_tgid(self, tgid: int, tree: bool = False) -> None: ...
     def unwatch_tgid(self, tgid: int) -> None: ...
     def close(self) -> None: ...
 
@@ -107,7 +107,7 @@ class PythonReader:
                 records.extend(decode(data))
         return records, overrun
 
-    def watch_tgid(self, tgid: int) -> None:
+    def watch_tgid(self, tgid: int, tree: bool = False) -> None:
         pass
 
     def unwatch_tgid(self, tgid: int) -> None:
@@ -321,7 +321,7 @@ class NetlinkSource(EventSource):
             if not watch.key.is_alive() and read_stat(watch.key.pid) is None:
                 raise NoSuchProcess(watch.key.pid) from err
         if self._reader is not None:
-            self._reader.watch_tgid(watch.key.pid)
+            self._reader.watch_tgid(watch.key.pid, watch.descendants)
 
     def _release(self, watch: Watch) -> None:
         if watch.fd is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from monitor.events import POLL
 from monitor.errors import SourceUnavailable
+from monitor.events import POLL
 from monitor.identity import zombie_exit_status
 from monitor.sources.base import EventSource, Watch
 from monitor.sources.children import ChildScanner, children_by_parent
