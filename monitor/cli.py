@@ -288,6 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_fd_limit() -> None:
+    """One pidfd per watched process: lift the soft limit on open files to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -295,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="monitor: %(levelname)s %(name)s: %(message)s")
     if args.command == "events" and args.tree and args.pid is None:
         parser.error("--tree needs --pid")
+    raise_fd_limit()
     try:
         if args.command == "wait":
             return asyncio.run(_wait(args))

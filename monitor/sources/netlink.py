@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any, Literal, Protocol
 
-from monitor.errors import AccessDenied, NoSuchProcess, SourceUnavailable
+from monitor.errors import AccessDenied, SourceUnavailable
 from monitor.events import NETLINK, Execed, Forked
 from monitor.identity import ProcessKey, boot_id, read_stat
 from monitor.sources import cnproc
@@ -314,12 +314,8 @@ class NetlinkSource(EventSource):
         try:
             attach_pidfd(watch)
         except (AccessDenied, OSError) as err:
-            # No pidfd (EMFILE, seccomp): the group check falls back to /proc.
-            if isinstance(err, NoSuchProcess):
-                raise
+            # No pidfd (EMFILE, seccomp): the thread-group check falls back to /proc.
             log.debug("no pidfd for %s (%s); checking /proc instead", watch.key, err)
-            if not watch.key.is_alive() and read_stat(watch.key.pid) is None:
-                raise NoSuchProcess(watch.key.pid) from err
         if self._reader is not None:
             self._reader.watch_tgid(watch.key.pid, watch.descendants)
 
