@@ -104,6 +104,24 @@ def test_unwatched_keys_are_not_reported(source_case: SourceCase, procs: Procs) 
     assert arun(scenario()) == []
 
 
+def test_watches_with_fds_above_1024_work(source_case: SourceCase, procs: Procs) -> None:
+    """A monitor of thousands of processes holds thousands of pidfds: select() would refuse them."""
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        async def scenario() -> Exited:
+            async with source_case.make() as source:
+                proc = procs.spawn("sleep", "60")
+                key = ProcessKey.of(proc.pid)
+                source.watch(key)
+                proc.kill()
+                return await next_exit(source, key)
+
+        assert arun(scenario()).signal == expected(source_case, 9, child=True)
+    finally:
+        for fd in filler:
+            os.close(fd)
+
+
 def test_watching_a_pid_that_does_not_exist_is_a_clear_error(source_case: SourceCase, procs: Procs) -> None:
     proc = procs.spawn("true")
     proc.wait()

@@ -51,7 +51,9 @@ def fork_and_reap(n: int) -> None:
 def test_overrun_is_reported_and_a_death_in_the_burst_is_seen_once(decoder: str, procs: Procs) -> None:
     """A tiny receive buffer and a burst while the loop is busy: the kernel drops events
     (ENOBUFS); the source says so and still reports the watched death, exactly once."""
-    source = _netlink_or_skip(decoder=decoder, rcvbuf_bytes=1, types=("fork", "exit"))
+    # Without the kernel's tgid filter, as with more than max_filtered_tgids watches or
+    # with trees, the burst's own events reach the socket and overflow it.
+    source = _netlink_or_skip(decoder=decoder, rcvbuf_bytes=1, types=("fork", "exit"), max_filtered_tgids=0)
 
     async def scenario() -> tuple[list[Event], list[Event]]:
         async with source:
@@ -72,6 +74,32 @@ def test_overrun_is_reported_and_a_death_in_the_burst_is_seen_once(decoder: str,
     assert len(exits) == 1
     assert exits[0].signal in (9, None)  # 9 from the event; None if the event itself was lost
     assert source.stats()["overruns"] >= 1
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_other_processes_events_are_dropped_in_the_kernel(decoder: str, procs: Procs) -> None:
+    """With few watches a BPF filter keeps every other process's events out of the socket:
+    a fork storm elsewhere neither wakes us nor can overflow the buffer."""
+    source = _netlink_or_skip(decoder=decoder, rcvbuf_bytes=1, types=("fork", "exit"))
+
+    async def scenario() -> tuple[Exited, list[Event]]:
+        async with source:
+            watched = procs.spawn("sleep", "60")
+            key = ProcessKey.of(watched.pid)
+            source.watch(key)
+            before = source.stats()["received"]
+            fork_and_reap(300)
+            watched.kill()
+            watched.wait()
+            seen: list[Event] = []
+            event = await next_exit(source, key, seen=seen)
+            assert source.stats()["received"] - before <= 3, "unwatched events reached Python"
+            return event, seen
+
+    event, seen = arun(scenario())
+    assert event.signal == 9 and event.source == NETLINK
+    assert not any(isinstance(e, Overrun) for e in seen)
+    assert source.info["kernel_tgid_filter"] is True
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -166,6 +194,27 @@ def test_a_passing_leader_exit_with_live_threads_is_not_an_exit(procs: Procs, le
     worker_exit = cnproc.encode(2, PROC_EVENT_EXIT, 0, 20, proc.pid + 1, proc.pid, 3 << 8, -1, 1, 1)
     events = _feed(source, worker_exit)
     assert [(type(e), e.key.pid, e.exit_code) for e in events] == [(Exited, proc.pid, 3)]  # type: ignore[union-attr]
+
+
+def test_a_process_born_single_threaded_needs_no_proc_read(procs: Procs) -> None:
+    """All-events mode: the leader exit of a process we saw born, and never saw create a
+    thread, ends it without a look in /proc. Shown with a live process standing in: /proc
+    would say it lives, so only the fork-tracking can have decided."""
+    alive = procs.spawn("sleep", "60")
+    source = NetlinkSource(all_events=True, types=("exit",))
+    born = cnproc.encode(1, PROC_EVENT_FORK, 0, 5, 1, 1, alive.pid, alive.pid)
+    leader_exit = cnproc.encode(2, PROC_EVENT_EXIT, 0, 10, alive.pid, alive.pid, 0, 17, 1, 1)
+    assert [e.key.pid for e in _feed(source, born, leader_exit)] == [alive.pid]  # type: ignore[union-attr]
+
+    threaded = NetlinkSource(all_events=True, types=("exit",))
+    thread = cnproc.encode(2, PROC_EVENT_FORK, 0, 6, 1, 1, alive.pid + 1, alive.pid)
+    assert _feed(threaded, born, thread, leader_exit) == []  # threads may live on: /proc says alive
+
+    lossy = NetlinkSource(all_events=True, types=("exit",))
+    _feed(lossy, born)
+    lossy._overrun()  # a lost thread-creation event is possible now: check again
+    assert _feed(lossy) == [Overrun(NETLINK, None)]
+    assert _feed(lossy, leader_exit) == []
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -52,6 +53,7 @@ class EventSource:
         self._started = False
         self._closed = False
         self._failure: BaseException | None = None
+        self._listener: Callable[[Event], None] | None = None
         self.counters: dict[str, int] = {"events": 0, "exits": 0, "overruns": 0, "resyncs": 0}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -106,9 +108,22 @@ class EventSource:
                 self._waiter = None
         return self._pending.popleft()
 
+    def set_listener(self, listener: Callable[[Event], None] | None) -> None:
+        """Hand every event to `listener` the moment it is decoded, instead of queuing it
+        for `async for`: the shortest path from the kernel to a consumer (no task switch).
+
+        It runs in the event loop's thread, inside the source's own callback (and inside
+        `watch()` for a key found dead there), so it must be quick and must not block.
+        Events already queued stay queued for `async for`; None goes back to queuing.
+        """
+        self._listener = listener
+
     def _emit(self, event: Event) -> None:
-        self._pending.append(event)
         self.counters["events"] += 1
+        if self._listener is not None:
+            self._listener(event)
+            return
+        self._pending.append(event)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -136,14 +151,15 @@ class EventSource:
             # one is dead, whatever its watch said.
             self._finish(old, self._exit_status(old), self.found_dead_evidence)
         watch = Watch(key, descendants)
+        self._watches[key.pid] = watch  # before _attach: a kernel-side filter is built from it
         try:
             self._attach(watch)
         except NoSuchProcess:
             # Gone between making the key and watching it: that is an exit, verified.
+            del self._watches[key.pid]
             self._release(watch)
             self._emit_exit(watch, self._exit_status(watch), self.found_dead_evidence)
             return
-        self._watches[key.pid] = watch
         if not self._alive(watch):
             self._finish(watch, self._exit_status(watch), self.found_dead_evidence)
 
@@ -181,8 +197,8 @@ class EventSource:
         """The watched process is gone: emit its one `Exited` and stop watching it."""
         if self._watches.get(watch.key.pid) is watch:
             del self._watches[watch.key.pid]
+        self._emit_exit(watch, status, source, kernel_ts_ns)  # the consumer first: releasing can wait
         self._release(watch)
-        self._emit_exit(watch, status, source, kernel_ts_ns)
 
     def _emit_exit(self, watch: Watch, status: int | None, source: str, kernel_ts_ns: int | None = None) -> None:
         self.counters["exits"] += 1

@@ -22,7 +22,7 @@ decoder in native/cnproc.c produces the very same tuples.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
@@ -56,6 +56,7 @@ CN_MSG = struct.Struct("=IIIIHH")
 RECORD = struct.Struct("=24xI8xIIQ6i")  # one whole 76-byte message, see the table above
 MESSAGE_SIZE = RECORD.size  # 76
 WHAT_OFFSET = 36
+TGID_OFFSET = 56  # event_data word d1
 
 # Classic BPF (include/uapi/linux/filter.h)
 SO_ATTACH_FILTER = 26
@@ -63,6 +64,8 @@ BPF_LD_W_ABS = 0x20
 BPF_JMP_JEQ_K = 0x15
 BPF_RET_K = 0x06
 SOCK_FILTER = struct.Struct("=HBBI")
+SO_DETACH_FILTER = 27
+BPF_MAXINSNS = 4096
 
 Record = tuple[int, int, int, int, int, int, int, int, int, int]
 
@@ -89,21 +92,47 @@ def subscribe_message(op: int, event_mask: int | None, seq: int = 0) -> bytes:
     return NLMSGHDR.pack(total, NLMSG_DONE, 0, seq, 0) + cn + payload
 
 
-def bpf_program(event_mask: int) -> bytes:
-    """A classic BPF filter that keeps messages whose `what` is in the mask (and acks).
+def _swapped(value: int, fmt: str = "=I") -> int:
+    """What a BPF_ABS load (big-endian) reads from a host-endian field holding `value`."""
+    return int.from_bytes(struct.pack(fmt, value), "big")
 
-    For kernels before 6.6, which cannot filter by themselves. BPF_ABS loads are
-    big-endian while the field is host-endian, so constants are byte-swapped
-    into what the load will see.
+
+def bpf_program(event_mask: int | None, tgids: Sequence[int] | None = None, *, pass_forks_and_execs: bool = False) -> bytes:
+    """A classic BPF socket filter for proc-connector messages; acks always pass.
+
+    `event_mask`: keep only these event types (for kernels before 6.6, which cannot
+    filter by themselves); None when the kernel already does. `tgids`: keep only the
+    events of these thread groups (d1 at offset 56 is the parent's tgid for a fork and
+    the process's for exec and exit), so a fork storm elsewhere never wakes us;
+    None keeps every group. With `pass_forks_and_execs`, forks and execs pass whatever
+    their tgid (a watched tree's new children are not in the list yet).
+
+    Every jump is short: each accepting test is followed by its own `ret`, so no
+    offset exceeds the 8-bit jt/jf of classic BPF however long the list.
     """
-    accepted = [PROC_EVENT_NONE] + [bit for bit in (PROC_EVENT_FORK, PROC_EVENT_EXEC, PROC_EVENT_EXIT) if bit & event_mask]
-    n = len(accepted)
-    insns = [SOCK_FILTER.pack(BPF_LD_W_ABS, 0, 0, WHAT_OFFSET)]
-    for i, what in enumerate(accepted):
-        as_loaded = int.from_bytes(struct.pack("=I", what), "big")
-        insns.append(SOCK_FILTER.pack(BPF_JMP_JEQ_K, n - i, 0, as_loaded))
-    insns.append(SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0))
-    insns.append(SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0xFFFFFFFF))
+    accept = SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0xFFFFFFFF)
+    reject = SOCK_FILTER.pack(BPF_RET_K, 0, 0, 0)
+
+    def accept_if(value: int) -> list[bytes]:
+        return [SOCK_FILTER.pack(BPF_JMP_JEQ_K, 0, 1, value), accept]
+
+    insns = [SOCK_FILTER.pack(BPF_LD_W_ABS, 0, 0, WHAT_OFFSET), *accept_if(_swapped(PROC_EVENT_NONE))]
+    if event_mask is not None:
+        wanted = [bit for bit in (PROC_EVENT_FORK, PROC_EVENT_EXEC, PROC_EVENT_EXIT) if bit & event_mask]
+        for i, what in enumerate(wanted):  # a match skips the remaining tests and the reject
+            insns.append(SOCK_FILTER.pack(BPF_JMP_JEQ_K, len(wanted) - i, 0, _swapped(what)))
+        insns.append(reject)
+    if tgids is None:
+        insns.append(accept)
+        return b"".join(insns)
+    if pass_forks_and_execs:
+        insns += accept_if(_swapped(PROC_EVENT_FORK)) + accept_if(_swapped(PROC_EVENT_EXEC))
+    insns.append(SOCK_FILTER.pack(BPF_LD_W_ABS, 0, 0, TGID_OFFSET))
+    for tgid in sorted(set(tgids)):
+        insns += accept_if(_swapped(tgid, "=i"))
+    insns.append(reject)
+    if len(insns) > BPF_MAXINSNS:
+        raise ValueError(f"a filter for {len(tgids)} thread groups exceeds {BPF_MAXINSNS} instructions")
     return b"".join(insns)
 
 

@@ -117,9 +117,8 @@ class PythonReader:
         pass
 
 
-def attach_bpf(sock: socket.socket, event_mask: int) -> None:
-    """Attach the classic BPF filter of `cnproc.bpf_program` (struct sock_fprog)."""
-    program = cnproc.bpf_program(event_mask)
+def attach_bpf(sock: socket.socket, program: bytes) -> None:
+    """Attach (or atomically replace) a classic BPF filter: struct sock_fprog {len, *filter}."""
     insns = ctypes.create_string_buffer(program, len(program))
     fprog = struct.pack("@HP", len(program) // cnproc.SOCK_FILTER.size, ctypes.addressof(insns))
     sock.setsockopt(socket.SOL_SOCKET, cnproc.SO_ATTACH_FILTER, fprog)
@@ -171,6 +170,8 @@ class NetlinkSource(EventSource):
         netns: str | None = None,
         confirm_timeout_s: float = 2.0,
         batch: int = 256,
+        max_filtered_tgids: int = 256,
+        coalesce_s: float = 0.001,
     ) -> None:
         super().__init__(all_events=all_events)
         self.event_mask = cnproc.mask_of(types)
@@ -181,17 +182,28 @@ class NetlinkSource(EventSource):
         self.netns = netns
         self.confirm_timeout_s = confirm_timeout_s
         self.batch = batch
+        # Up to this many watched thread groups, a BPF filter in the kernel drops every
+        # other process's events, so a fork storm elsewhere costs us nothing; 0: never.
+        self.max_filtered_tgids = max_filtered_tgids
+        self.coalesce_s = coalesce_s  # all-events mode only
+        self._filter_mode = "mask"
+        self._program: bytes | None = None
+        self._extra_tgids: set[int] = set()  # our own PID and the probe's, while confirming
         self._sock: socket.socket | None = None
         self._reader: Reader | None = None
         self._check_gaps = False
         self._last_seq: dict[int, int] = {}
         self._confirm: asyncio.Future[None] | None = None
         self._probe_pids: set[int] = set()
-        self._leaderless: set[int] = set()  # all-events mode: leader gone, threads live on
+        # All-events mode, for processes nobody watches (see _passing_exit):
+        self._leaderless: set[int] = set()  # leader gone, threads live on
+        self._born: set[int] = set()  # forked since we started, and not seen to exit
+        self._threaded: set[int] = set()  # seen to create a thread since we started
         self._boot_id = boot_id()
         self._boot_offset_ns = 0
         self._nonce = int.from_bytes(os.urandom(4), "little") or 1
         self.info: dict[str, Any] = {}
+        self.counters["received"] = 0  # records that reached Python
 
     # -- opening and confirming ---------------------------------------------------------
 
@@ -224,11 +236,10 @@ class NetlinkSource(EventSource):
         mode = self.kernel_filter
         if mode == "auto":
             mode = "mask" if kernel_has_event_mask() else "bpf"
-        if mode == "bpf":
-            attach_bpf(sock, self.event_mask | PROC_EVENT_EXIT)
+        self._filter_mode = mode
+        self._update_kernel_filter()
         self._check_gaps = mode == "none"  # filtered events still use up seq numbers
-        # Exits always: a watched key is owed its Exited, and the probe is confirmed by its exit.
-        mask = (self.event_mask | PROC_EVENT_EXIT) if mode == "mask" else None
+        mask = self._kernel_mask() if mode == "mask" else None
         try:
             sock.send(cnproc.subscribe_message(cnproc.PROC_CN_MCAST_LISTEN, mask, seq=self._nonce))
         except ConnectionRefusedError as err:
@@ -269,13 +280,13 @@ class NetlinkSource(EventSource):
         assert self._loop is not None and self._reader is not None
         self._confirm = self._loop.create_future()
         own = os.getpid()
-        self._reader.watch_tgid(own)  # so the native filter lets the probe's fork through
+        self._pass_tgid(own)  # so the filters let the probe's fork through
         try:
             probe = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, close_fds=True)
         except OSError as err:
             raise SourceUnavailable(self.name, f"cannot spawn the subscription probe: {err}") from err
         self._probe_pids.add(probe.pid)
-        self._reader.watch_tgid(probe.pid)
+        self._pass_tgid(probe.pid)
         try:
             await asyncio.wait_for(asyncio.shield(self._confirm), self.confirm_timeout_s)
         except TimeoutError as err:
@@ -286,9 +297,11 @@ class NetlinkSource(EventSource):
             ) from err
         finally:
             probe.wait()
-            if own not in self._watches:
-                self._reader.unwatch_tgid(own)
-            self._reader.unwatch_tgid(probe.pid)
+            self._extra_tgids.clear()
+            for tgid in (own, probe.pid):
+                if tgid not in self._watches:
+                    self._reader.unwatch_tgid(tgid)
+            self._update_kernel_filter()
             if not self.all_events:
                 self._probe_pids.clear()
             self._confirm = None
@@ -308,6 +321,49 @@ class NetlinkSource(EventSource):
         self._sock.close()
         self._sock = None
 
+    # -- filters ----------------------------------------------------------------------
+
+    def _kernel_mask(self) -> int:
+        """What the kernel must send: the types asked for, and always exits (a watched key
+        is owed its Exited; the probe is confirmed by its own). In all-events mode forks
+        too, even unasked: knowing which processes were born single-threaded since we
+        started spares a /proc read per exit (see _passing_exit)."""
+        return self.event_mask | PROC_EVENT_EXIT | (PROC_EVENT_FORK if self.all_events else 0)
+
+    def _pass_tgid(self, tgid: int) -> None:
+        assert self._reader is not None
+        self._extra_tgids.add(tgid)
+        self._reader.watch_tgid(tgid)
+        self._update_kernel_filter()
+
+    def _update_kernel_filter(self) -> None:
+        """Keep the socket's BPF filter in step with the watches (cnproc.bpf_program).
+
+        Called before a new watch is checked for death, so an exit is either let
+        through by the kernel or found by that check: none falls in between.
+        """
+        if self._sock is None:
+            return
+        type_mask = self._kernel_mask() if self._filter_mode == "bpf" else None
+        tgids: list[int] | None = None
+        # Not with "none": there the per-CPU seq numbers detect loss, and a filter makes gaps.
+        if not self.all_events and self._filter_mode != "none":
+            watched = [*self._watches, *self._extra_tgids]
+            if len(watched) <= self.max_filtered_tgids:
+                tgids = watched
+        program = None
+        if type_mask is not None or tgids is not None:
+            trees = any(w.descendants for w in self._watches.values())
+            program = cnproc.bpf_program(type_mask, tgids, pass_forks_and_execs=trees)
+        if program == self._program:
+            return
+        if program is None:
+            self._sock.setsockopt(socket.SOL_SOCKET, cnproc.SO_DETACH_FILTER, 0)
+        else:
+            attach_bpf(self._sock, program)
+        self._program = program
+        self.info["kernel_tgid_filter"] = tgids is not None
+
     # -- watching ---------------------------------------------------------------------
 
     def _attach(self, watch: Watch) -> None:
@@ -318,6 +374,7 @@ class NetlinkSource(EventSource):
             log.debug("no pidfd for %s (%s); checking /proc instead", watch.key, err)
         if self._reader is not None:
             self._reader.watch_tgid(watch.key.pid, watch.descendants)
+        self._update_kernel_filter()
 
     def _release(self, watch: Watch) -> None:
         if watch.fd is not None:
@@ -325,6 +382,7 @@ class NetlinkSource(EventSource):
             watch.fd = None
         if self._reader is not None:
             self._reader.unwatch_tgid(watch.key.pid)
+        self._update_kernel_filter()
 
     def _alive(self, watch: Watch) -> bool:
         if watch.fd is not None:
@@ -341,16 +399,29 @@ class NetlinkSource(EventSource):
 
     def _on_readable(self) -> None:
         assert self._reader is not None
+        if self.all_events and self.coalesce_s > 0 and self._loop is not None and self._sock is not None:
+            # A stream of every process is read by people and logs, for whom a millisecond
+            # is nothing; waking per event in a fork storm costs more than decoding it.
+            # Pause reading briefly so each wakeup drains a batch (the 16 MiB buffer holds
+            # ~20,000 events, far more than a millisecond of any storm).
+            fd = self._sock.fileno()
+            self._loop.remove_reader(fd)
+            self._loop.call_later(self.coalesce_s, self._resume_reading, fd)
         try:
             records, overrun = self._reader.drain()
         except OSError as err:
             self._fail(err)
             return
+        self.counters["received"] += len(records)
         handle = self._handle
         for record in records:
             handle(record)
         if overrun:
             self._overrun()
+
+    def _resume_reading(self, fd: int) -> None:
+        if self._sock is not None and self._sock.fileno() == fd and self._loop is not None:
+            self._loop.add_reader(fd, self._on_readable)
 
     def _handle(self, record: Record) -> None:
         seq, what, cpu, ts, d0, d1, d2, d3, _d4, d5 = record
@@ -365,8 +436,19 @@ class NetlinkSource(EventSource):
                 if self._group_gone(watch):
                     self._finish(watch, d2, NETLINK, ts)
                 # else: the leader (or one thread) exited while others live on: not a death
-            elif self.all_events and self.event_mask & PROC_EVENT_EXIT:
+            elif self.all_events:
                 self._passing_exit(d0, d1, d2, ts)
+        elif what == PROC_EVENT_FORK and self.all_events:
+            if d2 != d3:
+                self._threaded.add(d3)  # a new thread: its event names its group as the child tgid
+                return
+            self._born.add(d3)
+            watch = self._watches.get(d1)
+            if watch is not None and watch.descendants:
+                self._track_child(watch, self._new_child_key(d3, ts), ts, NETLINK)
+            elif self.event_mask & PROC_EVENT_FORK:
+                parent = watch.key if watch is not None else self._passing_key(d1)
+                self._emit(Forked(parent, self._passing_key(d3), NETLINK, ts))
         elif what == PROC_EVENT_NONE:
             # The acknowledgement of a legacy LISTEN (err == 0). The kernel sends none
             # outside the initial namespaces, and a masked subscription filters it out.
@@ -381,9 +463,6 @@ class NetlinkSource(EventSource):
             watch = self._watches.get(d1)
             if watch is not None and watch.descendants:
                 self._track_child(watch, self._new_child_key(d3, ts), ts, NETLINK)
-            elif self.all_events:
-                parent = watch.key if watch is not None else self._passing_key(d1)
-                self._emit(Forked(parent, self._passing_key(d3), NETLINK, ts))
         elif what == PROC_EVENT_EXEC:
             watch = self._watches.get(d1)
             if watch is not None:
@@ -412,16 +491,26 @@ class NetlinkSource(EventSource):
         return ProcessKey(pid, None, self._boot_id)
 
     def _passing_exit(self, pid: int, tgid: int, status: int, ts: int) -> None:
-        """An unwatched process's thread exited (all-events mode): is the process gone?"""
+        """An unwatched process's thread exited (all-events mode): is the process gone?
+
+        The leader's exit ends the process unless other threads live on. A process born
+        since we started and never seen creating a thread has none, so that needs no
+        look; any other is checked in /proc (one read, the expensive part of this path).
+        """
         if pid != tgid and tgid not in self._leaderless:
             return  # an ordinary thread exit
-        stat = read_stat(tgid)
-        if stat is not None and not stat.defunct:
-            self._leaderless.add(tgid)  # leader gone, threads live on: wait for the last
-            return
-        self._leaderless.discard(tgid)
-        watch = Watch(self._passing_key(tgid))
-        self._emit_exit(watch, status, NETLINK, ts)
+        if pid == tgid and tgid in self._born and tgid not in self._threaded:
+            self._born.discard(tgid)
+        else:
+            stat = read_stat(tgid)
+            if stat is not None and not stat.defunct:
+                self._leaderless.add(tgid)  # leader gone, threads live on: wait for the last
+                return
+            self._leaderless.discard(tgid)
+            self._born.discard(tgid)
+            self._threaded.discard(tgid)
+        if self.event_mask & PROC_EVENT_EXIT:
+            self._emit_exit(Watch(self._passing_key(tgid)), status, NETLINK, ts)
 
     def _new_child_key(self, pid: int, ts_ns: int) -> ProcessKey:
         """The key of a child we saw forked: from /proc, or from the fork's own time.
@@ -435,6 +524,12 @@ class NetlinkSource(EventSource):
         if stat is not None and abs(stat.start_time_ticks - estimate) <= 2:
             return ProcessKey(pid, stat.start_time_ticks, self._boot_id)
         return ProcessKey(pid, estimate, self._boot_id)
+
+    def _overrun(self, lost: int | None = None) -> None:
+        # A lost thread-creation event would make a threaded process look single-threaded:
+        # forget who was born since, so their exits are checked in /proc again.
+        self._born.clear()
+        super()._overrun(lost)
 
     def _check_seq(self, cpu: int, seq: int) -> None:
         last = self._last_seq.get(cpu)

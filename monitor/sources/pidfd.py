@@ -49,8 +49,14 @@ def open_pidfd(pid: int) -> int:
 
 
 def is_readable(fd: int) -> bool:
-    """A pidfd polls readable once the whole thread group has exited (pidfd_poll)."""
-    return bool(select.select([fd], [], [], 0)[0])
+    """A pidfd polls readable once the whole thread group has exited (pidfd_poll).
+
+    poll(), not select(): select() refuses fds above FD_SETSIZE (1024), and a
+    monitor watching thousands of processes holds that many pidfds.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def exit_info(fd: int) -> int | None:

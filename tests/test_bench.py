@@ -1,0 +1,95 @@
+"""scripts/bench runs end to end in its quick mode and writes sane JSON.
+
+Only the shape and sanity of the numbers are checked, never how fast anything
+was: the benchmark itself reports ratios against baselines from the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NETLINK_CONNECTOR, CN_IDX_PROC = 11, 1
+
+
+def proc_connector_usable() -> bool:
+    """Binding to the proc connector needs CAP_NET_ADMIN before Linux 6.6 and the initial netns."""
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR) as sock:
+            sock.bind((0, CN_IDX_PROC))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the benchmark is Linux-only"),
+    pytest.mark.skipif(shutil.which("gcc") is None, reason="the benchmark builds its C helpers with gcc"),
+    pytest.mark.skipif(sys.platform.startswith("linux") and not proc_connector_usable(),
+                       reason="the proc connector is not usable here"),
+]
+
+EVENT_METHODS = ("c_listener", "py_asyncio_minimal", "netlink_python", "netlink_native", "pidfd")
+POLL_METHODS = ("poll_psutil_100ms", "kill0_1s")
+
+
+@pytest.fixture(scope="module")
+def quick_latency(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "latest.json"
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "--quick", "--only", "latency", "--out", str(out), "--seed", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    assert "| method |" in result.stdout  # the markdown table
+    assert out.with_suffix(".md").read_text().startswith("Measured with `scripts/bench --quick`")
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+def test_meta_and_only_the_requested_benchmark(quick_latency: dict[str, Any]) -> None:
+    assert set(quick_latency) == {"meta", "latency"}
+    meta = quick_latency["meta"]
+    assert meta["quick"] is True
+    assert meta["seed"] == 1
+    assert meta["native_decoder"] in ("built", "not built")
+
+
+def test_every_method_has_a_row(quick_latency: dict[str, Any]) -> None:
+    latency = quick_latency["latency"]
+    assert latency["baseline"] == "c_listener"
+    assert set(latency["methods"]) == set(EVENT_METHODS + POLL_METHODS)
+
+
+def test_latency_numbers_are_sane(quick_latency: dict[str, Any]) -> None:
+    sizes = quick_latency["meta"]["sizes"]
+    expected_n = {m: sizes["lat_event_n"] for m in EVENT_METHODS}
+    expected_n.update(poll_psutil_100ms=sizes["lat_poll_n"], kill0_1s=sizes["lat_kill_n"])
+    for key, m in quick_latency["latency"]["methods"].items():
+        if m.get("status") == "not built":
+            assert key == "netlink_native"
+            continue
+        assert m["n"] + m["missed"] == expected_n[key], key
+        assert m["n"] > 0, key
+        assert 0 < m["p50_us"] <= m["p90_us"] <= m["p99_us"], key
+        assert m["ratio_p50"] > 0 and m["ratio_p99"] > 0, key
+        assert len(m["samples_us"]) == m["n"], key
+    floor = quick_latency["latency"]["methods"]["c_listener"]
+    assert floor["ratio_p50"] == pytest.approx(1.0)
+    assert floor["breakdown_median_us"]["exit_to_kernel_us"] > 0  # the kernel stamps after the target's stamp
+
+
+def test_project_targets_are_reported(quick_latency: dict[str, Any]) -> None:
+    methods = quick_latency["latency"]["methods"]
+    assert methods["netlink_python"]["target_ratio"] == 1.15
+    assert methods["pidfd"]["target_ratio"] == 1.3
+    assert isinstance(methods["pidfd"]["meets_target"], bool)
