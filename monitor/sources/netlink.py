@@ -188,6 +188,7 @@ class NetlinkSource(EventSource):
         self.coalesce_s = coalesce_s  # all-events mode only
         self._filter_mode = "mask"
         self._program: bytes | None = None
+        self._filter_refresh_pending = False
         self._extra_tgids: set[int] = set()  # our own PID and the probe's, while confirming
         self._sock: socket.socket | None = None
         self._reader: Reader | None = None
@@ -347,10 +348,9 @@ class NetlinkSource(EventSource):
         type_mask = self._kernel_mask() if self._filter_mode == "bpf" else None
         tgids: list[int] | None = None
         # Not with "none": there the per-CPU seq numbers detect loss, and a filter makes gaps.
-        if not self.all_events and self._filter_mode != "none":
-            watched = [*self._watches, *self._extra_tgids]
-            if len(watched) <= self.max_filtered_tgids:
-                tgids = watched
+        if (not self.all_events and self._filter_mode != "none"
+                and len(self._watches) + len(self._extra_tgids) <= self.max_filtered_tgids):
+            tgids = [*self._watches, *self._extra_tgids]
         program = None
         if type_mask is not None or tgids is not None:
             trees = any(w.descendants for w in self._watches.values())
@@ -382,6 +382,16 @@ class NetlinkSource(EventSource):
             watch.fd = None
         if self._reader is not None:
             self._reader.unwatch_tgid(watch.key.pid)
+        # Shrinking the kernel filter can wait (a PID left in it only lets a few more
+        # events through, which the policy drops); doing it after this callback keeps
+        # the rebuild off the path from the exit to the consumer, and several releases
+        # in one batch cost one rebuild.
+        if not self._filter_refresh_pending and self._loop is not None and self._program is not None:
+            self._filter_refresh_pending = True
+            self._loop.call_soon(self._refresh_kernel_filter)
+
+    def _refresh_kernel_filter(self) -> None:
+        self._filter_refresh_pending = False
         self._update_kernel_filter()
 
     def _alive(self, watch: Watch) -> bool:

@@ -82,9 +82,15 @@ static int open_connector(void)
 	int fd, size = RCVBUF;
 
 	fd = socket(AF_NETLINK, SOCK_DGRAM, NETLINK_CONNECTOR);
-	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0 ||
-	    bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+	if (fd < 0) {
 		perror("proc connector");
+		exit(1);
+	}
+	/* FORCE needs CAP_NET_ADMIN; without it the kernel caps the size at rmem_max. */
+	if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0)
+		setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+	if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+		perror("bind to the proc connector");
 		exit(1);
 	}
 	memset(&req, 0, sizeof req);

@@ -3,7 +3,8 @@
  * usage: spawner N
  * Forks N children that pause() forever and prints their PIDs, one per line,
  * then "READY".  On SIGTERM (or EOF on stdin) it SIGKILLs every child, reaps
- * them all and prints "DONE <reaped>".
+ * them all and prints "DONE <reaped>"; a SIGTERM while still forking stops the
+ * forking first.  Either way no child outlives it unreaped.
  */
 #include <errno.h>
 #include <signal.h>
@@ -36,13 +37,19 @@ int main(int argc, char **argv)
 	kids = calloc(n, sizeof *kids);
 	if (!kids)
 		return 1;
-	for (i = 0; i < n; i++) {
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_term;  /* no SA_RESTART: the read below must return */
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	for (i = 0; i < n && !stop; i++) {
 		kids[i] = fork();
 		if (kids[i] < 0) {
 			perror("fork");
 			break;
 		}
 		if (kids[i] == 0) {
+			signal(SIGTERM, SIG_DFL);
+			signal(SIGINT, SIG_DFL);
 			close(0);
 			for (;;)
 				pause();
@@ -50,10 +57,6 @@ int main(int argc, char **argv)
 		printf("%d\n", kids[i]);
 	}
 	n = i;
-	memset(&sa, 0, sizeof sa);
-	sa.sa_handler = on_term;  /* no SA_RESTART: the read below must return */
-	sigaction(SIGTERM, &sa, NULL);
-	sigaction(SIGINT, &sa, NULL);
 	printf("READY\n");
 	fflush(stdout);
 	while (!stop && read(0, &c, 1) != 0)
