@@ -43,16 +43,19 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def describe_exit(event: Exited) -> str:
+def outcome(event: Exited) -> str:
+    """How it ended, for people: 'exited with code 3', 'killed by SIGKILL (9)', ..."""
     if event.signal is not None:
-        how = f"killed by {_signal_name(event.signal)} ({event.signal})" + (", core dumped" if event.core_dumped else "")
-    elif event.exit_code is not None:
-        how = f"exited with code {event.exit_code}"
-    else:
-        how = "exited, status unknown"
+        return f"killed by {_signal_name(event.signal)} ({event.signal})" + (", core dumped" if event.core_dumped else "")
+    if event.exit_code is not None:
+        return f"exited with code {event.exit_code}"
+    return "exited, status unknown"
+
+
+def describe_exit(event: Exited) -> str:
     latency = event.latency_ns
     seen = f"seen by {event.source}" + (f" {latency / 1000:.0f} µs after the exit" if latency is not None else "")
-    return f"{event.key.pid}: {how} ({seen})"
+    return f"{event.key.pid}: {outcome(event)} ({seen})"
 
 
 def _exit_json(event: Exited) -> dict[str, Any]:
@@ -89,13 +92,7 @@ def format_event(event: Event) -> str:
     if isinstance(event, Execed):
         return f"{stamp} exec  {event.key.pid:>7}"
     if isinstance(event, Exited):
-        if event.signal is not None:
-            how = f"signal {event.signal} ({_signal_name(event.signal)})" + (" core" if event.core_dumped else "")
-        elif event.exit_code is not None:
-            how = f"code {event.exit_code}"
-        else:
-            how = "status unknown"
-        return f"{stamp} exit  {event.key.pid:>7} {how}"
+        return f"{stamp} exit  {event.key.pid:>7} {outcome(event)}"
     return f"{stamp} LOST  events lost ({event.lost if event.lost is not None else 'count unknown'}); resynced"
 
 

@@ -349,7 +349,39 @@ def build_c_helpers(outdir: Path) -> dict[str, str]:
 # ======================================================================================
 
 
-class KillPoller:
+class QueueSource:
+    """What the two baselines share with a monitor source: watch(), stats() and an
+    `async for` fed through a queue (None ends it)."""
+
+    name = "baseline"
+
+    def __init__(self) -> None:
+        self._watched: dict[int, Any] = {}
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    def watch(self, key: Any) -> None:
+        self._watched[key.pid] = key
+
+    def stats(self) -> dict[str, Any]:
+        return {"source": self.name, "watched": len(self._watched)}
+
+    def __aiter__(self) -> QueueSource:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+
+class KillPoller(QueueSource):
     """Baseline: `kill(pid, 0)` every `interval_s`, as `tail --pid` does.
 
     A zombie still answers kill(pid, 0), so this sees an exit only once the parent
@@ -359,17 +391,13 @@ class KillPoller:
     name = "kill0"
 
     def __init__(self, interval_s: float) -> None:
+        super().__init__()
         self.interval_s = interval_s
-        self._watched: dict[int, Any] = {}
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> KillPoller:
         self._task = asyncio.get_running_loop().create_task(self._run())
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -379,20 +407,7 @@ class KillPoller:
             self._task = None
             self._queue.put_nowait(None)
 
-    def watch(self, key: Any) -> None:
-        self._watched[key.pid] = key
 
-    def stats(self) -> dict[str, Any]:
-        return {"source": self.name, "watched": len(self._watched)}
-
-    def __aiter__(self) -> KillPoller:
-        return self
-
-    async def __anext__(self) -> Any:
-        item = await self._queue.get()
-        if item is None:
-            raise StopAsyncIteration
-        return item
 
     async def _run(self) -> None:
         from monitor.events import Exited
@@ -409,7 +424,7 @@ class KillPoller:
                     self._queue.put_nowait(Exited.from_wait_status(key, None, self.name, None, time.monotonic_ns()))
 
 
-class MinimalAsyncioNetlink:
+class MinimalAsyncioNetlink(QueueSource):
     """Diagnostic baseline: about the least an asyncio proc-connector reader can do.
 
     A non-blocking socket with the exit-only mask on `loop.add_reader`, decoded
@@ -422,8 +437,7 @@ class MinimalAsyncioNetlink:
     name = "minimal"
 
     def __init__(self) -> None:
-        self._watched: dict[int, Any] = {}
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        super().__init__()
         self._sock: socket.socket | None = None
 
     async def __aenter__(self) -> MinimalAsyncioNetlink:
@@ -438,9 +452,6 @@ class MinimalAsyncioNetlink:
         self._sock = sock
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     async def close(self) -> None:
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
@@ -448,20 +459,7 @@ class MinimalAsyncioNetlink:
             self._sock = None
             self._queue.put_nowait(None)
 
-    def watch(self, key: Any) -> None:
-        self._watched[key.pid] = key
 
-    def stats(self) -> dict[str, Any]:
-        return {"source": self.name, "watched": len(self._watched)}
-
-    def __aiter__(self) -> MinimalAsyncioNetlink:
-        return self
-
-    async def __anext__(self) -> Any:
-        item = await self._queue.get()
-        if item is None:
-            raise StopAsyncIteration
-        return item
 
     def _readable(self) -> None:
         from monitor.events import Exited

@@ -31,7 +31,7 @@ def test_wait_returns_a_grandchilds_exit_code(procs: Procs) -> None:
     _, pid = procs.grandchild("sleep 0.5; exit 9")
     result = monitor("wait", str(pid))
     assert result.returncode == 9, result.stderr
-    assert f"{pid}: exited with code 9" in result.stdout
+    assert f"{pid}: exited with code 9" in result.stdout  # the line people read
 
 
 def test_wait_reports_a_signal_as_128_plus_it(procs: Procs) -> None:
