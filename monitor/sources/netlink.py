@@ -430,7 +430,7 @@ class NetlinkSource(EventSource):
             self._overrun()
 
     def _resume_reading(self, fd: int) -> None:
-        if self._sock is not None and self._sock.fileno() == fd and self._loop is not None:
+        if self._sock is not None and self._sock.fileno() == fd and self._loop is not None and self._failure is None:
             self._loop.add_reader(fd, self._on_readable)
 
     def _handle(self, record: Record) -> None:
@@ -445,6 +445,9 @@ class NetlinkSource(EventSource):
             if watch is not None:
                 if self._group_gone(watch):
                     self._finish(watch, d2, NETLINK, ts)
+                    if self.all_events:
+                        self._born.discard(d1)
+                        self._threaded.discard(d1)
                 # else: the leader (or one thread) exited while others live on: not a death
             elif self.all_events:
                 self._passing_exit(d0, d1, d2, ts)
