@@ -150,3 +150,133 @@ class Overrun:
 
 Event = Forked | Execed | Exited | Overrun
 EVENT_TYPES = {cls.type: cls for cls in (Forked, Execed, Exited, Overrun)}
+
+
+# -- what the engine decides: transitions, persisted with the state and sent to subscribers ----
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """Base of the engine's decisions. `subject` names what it is about (a session id or a
+    directory); with `type` it makes the stable id of its outbox row."""
+
+    type: ClassVar[str] = "transition"
+
+    @property
+    def subject(self) -> str:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"type": self.type}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            data[name] = value.to_dict() if isinstance(value, ProcessKey) else value
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStarted(Transition):
+    type: ClassVar[str] = "session.started"
+    session_id: str
+    key: ProcessKey
+    cwd: str
+
+    @property
+    def subject(self) -> str:
+        return self.session_id
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStopped(Transition):
+    """The session's one stop. reason: exited (it ended by itself), killed (after a stop
+    request), timeout (after its master timeout fired), lost (dead, nothing tells how),
+    reboot (its boot is over)."""
+
+    type: ClassVar[str] = "session.stopped"
+    session_id: str
+    reason: str
+    exit_code: int | None
+    signal: int | None
+    evidence: str
+    duration_s: float
+
+    @property
+    def subject(self) -> str:
+        return self.session_id
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTimedOut(Transition):
+    type: ClassVar[str] = "session.timeout"
+    session_id: str
+    timeout_s: float
+
+    @property
+    def subject(self) -> str:
+        return self.session_id
+
+
+@dataclass(frozen=True, slots=True)
+class ChildExited(Transition):
+    type: ClassVar[str] = "child.exited"
+    session_id: str
+    key: ProcessKey
+    exit_code: int | None
+    signal: int | None
+
+    @property
+    def subject(self) -> str:
+        return f"{self.session_id}/{self.key}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChildUnobservable(Transition):
+    type: ClassVar[str] = "child.unobservable"
+    session_id: str
+    key: ProcessKey
+
+    @property
+    def subject(self) -> str:
+        return f"{self.session_id}/{self.key}"
+
+
+@dataclass(frozen=True, slots=True)
+class LockAcquired(Transition):
+    type: ClassVar[str] = "lock.acquired"
+    directory: str
+    kind: str
+    owner: ProcessKey | None
+    session_id: str | None
+    took_over_from: str | None = None  # who held it, dead, when it was taken over
+
+    @property
+    def subject(self) -> str:
+        return f"{self.directory}@{self.owner or self.session_id or 'manual'}"
+
+
+@dataclass(frozen=True, slots=True)
+class LockReleased(Transition):
+    """reason: owner_exited (evidence says how that was seen), unlocked, taken_over."""
+
+    type: ClassVar[str] = "lock.released"
+    directory: str
+    kind: str
+    owner: ProcessKey | None
+    reason: str
+    evidence: str | None
+
+    @property
+    def subject(self) -> str:
+        return f"{self.directory}@{self.owner or 'manual'}"
+
+
+@dataclass(frozen=True, slots=True)
+class FuseFired(Transition):
+    type: ClassVar[str] = "fuse.fired"
+    directory: str
+    action: str | None
+    armed_at: float
+
+    @property
+    def subject(self) -> str:
+        return f"{self.directory}@{self.armed_at}"

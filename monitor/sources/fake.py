@@ -33,6 +33,10 @@ class FakeSource(EventSource):
     async def _start(self) -> None:
         pass
 
+    def is_alive(self, key: ProcessKey) -> bool:
+        """The scripted truth: alive until the script said it exited or vanished."""
+        return key not in self._dead
+
     def _alive(self, watch: Watch) -> bool:
         return watch.key not in self._dead
 

@@ -1,0 +1,543 @@
+"""The engine: a source's events through the tracker, locks and fuses into the store.
+
+    kernel -> source -> Engine._on_event -> tracker / locks / fuses -> Store (one
+    transaction) -> commands (signals, fuse actions) and transition listeners
+
+Thin by design: the decisions are the pure state machines'; the engine feeds them
+events and the time, commits what they decide, and only then acts. Every method is
+called on the event loop's thread; SQLite runs on one worker thread of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal as signals
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from monitor.clock import Clock, SystemClock
+from monitor.errors import MonitorError
+from monitor.events import RELIST, Event, Exited, Forked, FuseFired, LockAcquired, LockReleased, Overrun, SessionStopped, Transition
+from monitor.fuses import DirFuse, FuseTable
+from monitor.identity import ProcessKey, boot_id
+from monitor.locks import Lock, LockTable
+from monitor.sources import select_source
+from monitor.sources.base import EventSource
+from monitor.sources.inotify import ExitFileSource, read_exit_file
+from monitor.store import Batch, Store
+from monitor.tracker import Policy, Session, Signal, Step, Tracker, Watch, new_session_id
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_RELIST_INTERVAL_S = 30.0
+FUSE_ACTION_TIMEOUT_S = 120.0
+
+
+class AlreadyDead(MonitorError):
+    def __init__(self, key: ProcessKey) -> None:
+        super().__init__(f"process {key.pid} has already exited")
+
+
+def process_cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        import psutil
+
+        return str(psutil.Process(pid).cwd())
+
+
+def process_argv(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def who_uses(directory: str) -> list[dict[str, Any]]:
+    """Every process whose working directory is `directory` or inside it."""
+    from monitor.locks import overlaps
+
+    found = []
+    root = os.path.realpath(directory)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{name}/cwd")
+        except OSError:
+            continue
+        if overlaps(cwd, root) and (cwd + os.sep).startswith(root.rstrip(os.sep) + os.sep):
+            found.append({"pid": int(name), "cwd": cwd, "argv": process_argv(int(name))})
+    return found
+
+
+class Engine:
+    """Sessions, locks and directory fuses on verified ground truth, durable in SQLite.
+
+        async with Engine("state.db") as engine:
+            session = await engine.attach(pid)
+            ...
+    """
+
+    def __init__(
+        self,
+        state_path: str | Path,
+        *,
+        source: EventSource | str | None = None,
+        source_options: dict[str, Any] | None = None,
+        exit_dir: str | Path | None = None,
+        clock: Clock | None = None,
+        alive: Callable[[ProcessKey], bool] | None = None,
+        relist_interval_s: float = DEFAULT_RELIST_INTERVAL_S,
+        child_grace_s: float = 5.0,
+        timers: bool = True,
+    ) -> None:
+        self.state_path = Path(state_path)
+        self._source_arg = source
+        self._source_options = source_options or {}
+        self.exit_dir = Path(exit_dir) if exit_dir else None
+        self.clock: Clock = clock or SystemClock()
+        self._alive = alive or ProcessKey.is_alive
+        self.relist_interval_s = relist_interval_s
+        self.tracker = Tracker(child_grace_s=child_grace_s)
+        self.locks = LockTable()
+        self.boot_id = boot_id()
+        self.fuses = FuseTable(self.boot_id)
+        self.source: EventSource | None = None
+        self._exit_files: ExitFileSource | None = None
+        self._store: Store | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor-store")
+        self._commits: asyncio.Queue[tuple[Batch, Step, asyncio.Future[None] | None]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._timers = timers
+        self._buffer: list[Event] | None = []
+        self._listeners: list[Callable[[Transition], None]] = []
+        self._wake: asyncio.Event | None = None
+        self._next_relist = 0.0
+        self._actions: set[asyncio.Task[None]] = set()
+        self._dirty_fuses: set[str] = set()  # fuses changed since the last batch
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the source first (buffering its events), load and verify the state, apply
+        the buffer, then run. Nothing is fired for a process that lives."""
+        loop = asyncio.get_running_loop()
+        self._commits = asyncio.Queue()
+        self._wake = asyncio.Event()
+        if isinstance(self._source_arg, EventSource):
+            self.source = self._source_arg
+            await self.source.start()
+        else:
+            self.source = await select_source(self._source_arg, **{"types": ("fork", "exit"), **self._source_options})
+        self.source.set_listener(self._receive)
+        if self.exit_dir is not None:
+            self.exit_dir.mkdir(parents=True, exist_ok=True)
+            self._exit_files = ExitFileSource(self.exit_dir)
+            await self._exit_files.start()
+            self._exit_files.set_listener(self._receive)
+        self._store = await self._run(Store, self.state_path)
+        sessions, locks, fuses = await self._run(self._store.load)
+        await self._reconcile(sessions, locks, fuses)
+        buffered, self._buffer = self._buffer or [], None
+        for event in buffered:
+            self._on_event(event)
+        self._tasks.append(loop.create_task(self._commit_loop(), name="monitor-commits"))
+        if self._timers:
+            self._tasks.append(loop.create_task(self._timer_loop(), name="monitor-timers"))
+
+    async def close(self) -> None:
+        """Stop listening and writing. Fires nothing, releases nothing: a restart picks up."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._commits is not None:  # what was decided is still written
+            while not self._commits.empty():
+                batch, _step, done = self._commits.get_nowait()
+                await self._run(self._store.commit, batch) if self._store else None
+                if done is not None and not done.done():
+                    done.set_result(None)
+        for task in list(self._actions):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for source in (self.source, self._exit_files):
+            if source is not None:
+                await source.close()
+        if self._store is not None:
+            await self._run(self._store.close)
+            self._store = None
+        self._writer.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    # -- restart --------------------------------------------------------------------------
+
+    async def _reconcile(self, sessions: list[dict[str, Any]], locks: list[dict[str, Any]], fuses: list[dict[str, Any]]) -> None:
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        step, batch = Step(), Batch()
+        for data in sessions:
+            session = Session.from_dict(data)
+            self.tracker.load(session)
+        for data in locks:
+            self.locks.load(Lock.from_dict(data))
+        for data in fuses:
+            self.fuses.load(DirFuse.from_dict(data), now, wall)
+        for session in self.tracker.running():
+            if session.key.boot_id != self.boot_id:
+                step.extend(self.tracker.stop_unverifiable(session, "reboot", None, wall))
+            elif not self._alive(session.key):
+                status = self._exit_file_status(session)
+                reason = "exited" if status is not None else "lost"
+                step.extend(self.tracker.stop_unverifiable(session, reason, status, wall))
+            else:
+                self._watch(Watch(session.key, True))
+                for child in session.children.values():
+                    if child.state == "running":
+                        self._watch(Watch(child.key, True))
+        for lock in list(self.locks.locks.values()):
+            if lock.owner is not None and (lock.owner.boot_id != self.boot_id or not self._alive(lock.owner)):
+                step.transitions += self.locks.release_owner(lock.owner, RELIST)
+        self._after_stops(step, now, wall)
+        self._fill(batch, step)
+        if batch:
+            await self._run(self._store.commit, batch)  # type: ignore[union-attr]
+            self._act(step)
+
+    def _exit_file_status(self, session: Session) -> Exited | None:
+        if session.exit_file and os.path.exists(session.exit_file):
+            try:
+                key, status = read_exit_file(Path(session.exit_file))
+            except ValueError:
+                return None
+            if key == session.key:
+                return Exited.from_wait_status(key, status, "exit_file")
+        return None
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _receive(self, event: Event) -> None:
+        if self._buffer is not None:
+            self._buffer.append(event)  # still loading: applied once the state is verified
+        else:
+            self._on_event(event)
+
+    def _on_event(self, event: Event) -> None:
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        if isinstance(event, Exited):
+            # The lock goes first: released the moment its owner's exit is known.
+            step = Step(self.locks.release_owner(event.key, event.source))
+            step.extend(self.tracker.on_exited(event, now, wall))
+        elif isinstance(event, Forked):
+            step = self.tracker.on_forked(event)
+            if step.changed_sessions:
+                self._watch(Watch(event.child, True))
+        elif isinstance(event, Overrun):
+            self._next_relist = 0.0  # now
+            if self._wake is not None:
+                self._wake.set()
+            return
+        else:
+            return
+        self._after_stops(step, now, wall)
+        self._submit(step)
+
+    def _after_stops(self, step: Step, now: float, wall: float) -> None:
+        """A stopped session's locks go (if its events have not taken them already), and the
+        last session to stop in a directory arms that directory's fuse."""
+        for transition in list(step.transitions):
+            if isinstance(transition, SessionStopped):
+                session = self.tracker.sessions[transition.session_id]
+                step.transitions += self.locks.release_owner(session.key, session.evidence or RELIST)
+                if not self.tracker.running_in(session.cwd) and self.fuses.last_session_stopped(session.cwd, now, wall):
+                    step.changed_sessions.add(session.id)
+                    self._dirty_fuses.add(session.cwd)
+
+    # -- committing -------------------------------------------------------------------------
+
+    def _fill(self, batch: Batch, step: Step) -> None:
+        wall = self.clock.wall()
+        for sid in step.changed_sessions:
+            session = self.tracker.sessions[sid]
+            batch.sessions[sid] = (session.state, _json(session.to_dict()))
+        for transition in step.transitions:
+            if isinstance(transition, (LockAcquired, LockReleased)):
+                lock = self.locks.locks.get(transition.directory)
+                batch.locks[transition.directory] = _json(lock.to_dict()) if lock else None
+            batch.add_transition(transition.to_dict(), transition.subject, wall)
+        for directory in self._dirty_fuses:
+            fuse = self.fuses.fuses.get(directory)
+            batch.fuses[directory] = _json(fuse.to_dict()) if fuse else None
+        self._dirty_fuses = set()
+
+    def _submit(self, step: Step, *, always: bool = False) -> asyncio.Future[None] | None:
+        """Queue a step's rows for one transaction; its commands run once it is committed.
+        The future is done when they have (None when there was nothing to do)."""
+        batch = Batch()
+        self._fill(batch, step)
+        if not batch and not step.commands and not always:
+            return None
+        assert self._commits is not None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commits.put_nowait((batch, step, done))
+        return done
+
+    async def _commit_loop(self) -> None:
+        assert self._commits is not None and self._store is not None
+        while True:
+            batch, step, done = await self._commits.get()
+            try:
+                if batch:
+                    await self._run(self._store.commit, batch)
+            except Exception as err:
+                log.error("could not commit state: %s", err)
+                if done is not None and not done.done():
+                    done.set_exception(err)
+                continue
+            if done is not None and not done.done():
+                done.set_result(None)
+            self._act(step)
+
+    def _act(self, step: Step) -> None:
+        """After the commit: signals, fuse actions, and the transition listeners."""
+        for command in step.commands:
+            if isinstance(command, Signal):
+                self._signal(command)
+        for transition in step.transitions:
+            if isinstance(transition, FuseFired) and transition.action:
+                task = asyncio.get_running_loop().create_task(self._run_action(transition))
+                self._actions.add(task)
+                task.add_done_callback(self._actions.discard)
+            for listener in self._listeners:
+                try:
+                    listener(transition)
+                except Exception:
+                    log.exception("a transition listener failed")
+
+    def _signal(self, command: Signal) -> None:
+        """Signal the session's process group (it leads one when launched) or the process;
+        through a pidfd, so a reused PID can never be hit."""
+        key = command.key
+        try:
+            fd = os.pidfd_open(key.pid)
+        except OSError:
+            return  # gone already: its Exited is on its way
+        try:
+            if ProcessKey.of(key.pid) != key:
+                return
+            try:
+                if os.getpgid(key.pid) == key.pid:
+                    os.killpg(key.pid, command.signum)
+                    return
+            except OSError:
+                pass
+            signals.pidfd_send_signal(fd, command.signum)
+        except (OSError, MonitorError):
+            pass
+        finally:
+            os.close(fd)
+
+    async def _run_action(self, fired: FuseFired) -> None:
+        """The fuse's action, in its directory, in a session of its own, bounded in time."""
+        assert fired.action is not None
+        try:
+            proc = await asyncio.create_subprocess_shell(
+                fired.action, cwd=fired.directory if os.path.isdir(fired.directory) else None,
+                stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+        except OSError as err:
+            log.error("fuse action for %s could not start: %s", fired.directory, err)
+            return
+        try:
+            code = await asyncio.wait_for(proc.wait(), FUSE_ACTION_TIMEOUT_S)
+            log.info("fuse action for %s exited with %s", fired.directory, code)
+        except (TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signals.SIGKILL)
+            await proc.wait()
+            raise
+
+    def _watch(self, command: Watch) -> None:
+        assert self.source is not None
+        try:
+            self.source.watch(command.key, descendants=command.descendants)
+            if self._exit_files is not None:
+                self._exit_files.watch(command.key)
+        except (MonitorError, OSError) as err:
+            log.warning("cannot follow %s: %s", command.key, err)
+            self._submit(self.tracker.on_unobservable(command.key, self.clock.monotonic()))
+
+    # -- time -------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Apply everything due now: timeouts, KILLs after a grace, child graces, fuses."""
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        step = self.tracker.tick(now, wall, self._alive)
+        for fired in self.fuses.tick(now):
+            step.transitions.append(fired)
+            self._dirty_fuses.add(fired.directory)
+        self._after_stops(step, now, wall)
+        self._submit(step)
+
+    def relist(self) -> None:
+        """Verify every watched key now: the source reports the dead (positive evidence)."""
+        if self.source is not None:
+            self.source.resync()
+
+    async def _timer_loop(self) -> None:
+        assert self._wake is not None
+        self._next_relist = self.clock.monotonic() + self.relist_interval_s
+        while True:
+            now = self.clock.monotonic()
+            if now >= self._next_relist:
+                self.relist()
+                self._next_relist = now + self.relist_interval_s
+            self.tick()
+            due = [d for d in (self.tracker.next_deadline(), self.fuses.next_deadline(), self._next_relist) if d is not None]
+            delay = max(0.0, min(due) - self.clock.monotonic()) if due else self.relist_interval_s
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(delay, 1.0))
+
+    # -- the API ----------------------------------------------------------------------------
+
+    def add_listener(self, listener: Callable[[Transition], None]) -> None:
+        """Called with every transition once it is committed, in order."""
+        self._listeners.append(listener)
+
+    async def attach(self, pid: int, **options: Any) -> Session:
+        """Follow a running process as a session; its identity is taken now."""
+        key = ProcessKey.of(pid)  # NoSuchProcess when there is none
+        return await self.register(key, **options)
+
+    async def register(
+        self,
+        key: ProcessKey,
+        *,
+        cwd: str | None = None,
+        argv: list[str] | None = None,
+        labels: dict[str, str] | None = None,
+        policy: Policy = "root",
+        timeout_s: float | None = None,
+        kill_on_timeout: bool = False,
+        lock: bool = True,
+        force: bool = False,
+        exit_file: str | None = None,
+        owner_uid: int | None = None,
+        session_id: str | None = None,
+    ) -> Session:
+        """Follow a process that a launcher started (or `attach` found) as a new session."""
+        if not self._alive(key):
+            raise AlreadyDead(key)
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        directory = os.path.realpath(cwd or process_cwd(key.pid))
+        session = Session(
+            id=session_id or new_session_id(), key=key, cwd=directory,
+            argv=argv if argv is not None else process_argv(key.pid), labels=dict(labels or {}), policy=policy,
+            started_at=wall, started_mono=now, timeout_s=timeout_s,
+            deadline=now + timeout_s if timeout_s is not None else None, kill_on_timeout=kill_on_timeout,
+            exit_file=exit_file, owner_uid=owner_uid,
+        )
+        step = Step()
+        if lock and not force:
+            step.transitions += self.locks.acquire(
+                Lock(directory, "auto", key, session.id, locked_at=wall, owner_uid=owner_uid), self._alive)
+        step.extend(self.tracker.add(session))
+        if self.fuses.session_started(directory):
+            self._dirty_fuses.add(directory)
+        done = self._submit(step)
+        for command in step.commands:
+            if isinstance(command, Watch):
+                self._watch(command)  # after add: an exit found at watch time finds its session
+        step.commands = [c for c in step.commands if not isinstance(c, Watch)]
+        if done is not None:
+            await done
+        return session
+
+    async def stop(self, prefix: str, signum: int = signals.SIGTERM, grace_s: float = 5.0) -> Session:
+        session = self.tracker.get(prefix)
+        done = self._submit(self.tracker.request_stop(session.id, signum, grace_s, self.clock.monotonic()))
+        if done is not None:
+            await done
+        return session
+
+    def session(self, prefix: str) -> Session:
+        return self.tracker.get(prefix)
+
+    def sessions(self, *, include_stopped: bool = False) -> list[Session]:
+        return [s for s in self.tracker.sessions.values() if include_stopped or s.state == "running"]
+
+    def blocking_children(self, prefix: str) -> list[Any]:
+        return self.tracker.blocking_children(self.tracker.get(prefix).id)
+
+    async def lock(self, directory: str, *, by: str | None = None, reason: str | None = None, owner_uid: int | None = None) -> Lock:
+        path = os.path.realpath(directory)
+        lock = Lock(path, "manual", by=by, reason=reason, locked_at=self.clock.wall(), owner_uid=owner_uid)
+        done = self._submit(Step(self.locks.acquire(lock, self._alive)))
+        if done is not None:
+            await done
+        return lock
+
+    async def unlock(self, directory: str) -> None:
+        done = self._submit(Step(self.locks.release(os.path.realpath(directory))))
+        if done is not None:
+            await done
+
+    async def who_uses(self, directory: str) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(who_uses, directory)
+
+    async def fuse_set(self, directory: str, ttl_s: float, action: str | None = None, owner_uid: int | None = None) -> DirFuse:
+        path = os.path.realpath(directory)
+        fuse = self.fuses.set(path, ttl_s, action, busy=bool(self.tracker.running_in(path)),
+                              now=self.clock.monotonic(), wall=self.clock.wall(), owner_uid=owner_uid)
+        await self._save_fuse(path)
+        return fuse
+
+    async def fuse_extend(self, directory: str, by_s: float) -> DirFuse:
+        path = os.path.realpath(directory)
+        fuse = self.fuses.extend(path, by_s, self.clock.monotonic())
+        await self._save_fuse(path)
+        return fuse
+
+    async def fuse_cancel(self, directory: str) -> DirFuse:
+        path = os.path.realpath(directory)
+        fuse = self.fuses.cancel(path)
+        await self._save_fuse(path)
+        return fuse
+
+    async def _save_fuse(self, path: str) -> None:
+        self._dirty_fuses.add(path)
+        done = self._submit(Step())
+        if done is not None:
+            await done
+        if self._wake is not None:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until everything decided so far is committed and acted on."""
+        done = self._submit(Step(), always=True)
+        assert done is not None
+        await done
+
+
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"))

@@ -1,0 +1,115 @@
+"""Directory fuses: an action that fires a TTL after the last session in a directory stops.
+
+A pure state machine. `set DIR --ttl --on-expire ACTION`: while a session runs in
+DIR the fuse waits; when the last one stops it is armed; a new session there
+disarms it; when the TTL runs out it fires once and is done. Deadlines are kept
+in monotonic seconds with the boot they belong to, and in wall time, so a timer
+survives a daemon restart (monotonic) and even a reboot (wall).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from monitor.errors import MonitorError
+from monitor.events import FuseFired
+
+
+class NoFuse(MonitorError):
+    def __init__(self, directory: str) -> None:
+        super().__init__(f"no fuse is set on {directory}")
+
+
+@dataclass
+class DirFuse:
+    directory: str
+    ttl_s: float
+    action: str | None
+    state: Literal["waiting", "armed", "fired"] = "waiting"
+    deadline: float | None = None  # monotonic, in `boot_id`
+    deadline_wall: float | None = None
+    boot_id: str = ""
+    armed_at: float | None = None  # wall
+    owner_uid: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DirFuse:
+        return cls(**d)
+
+
+class FuseTable:
+    def __init__(self, boot_id: str) -> None:
+        self.boot_id = boot_id
+        self.fuses: dict[str, DirFuse] = {}
+
+    def load(self, fuse: DirFuse, now: float, wall: float) -> None:
+        """From the store; an armed timer of another boot continues from its wall deadline."""
+        if fuse.state == "armed" and fuse.boot_id != self.boot_id and fuse.deadline_wall is not None:
+            fuse.deadline, fuse.boot_id = now + max(0.0, fuse.deadline_wall - wall), self.boot_id
+        self.fuses[fuse.directory] = fuse
+
+    def get(self, directory: str) -> DirFuse:
+        try:
+            return self.fuses[directory]
+        except KeyError:
+            raise NoFuse(directory) from None
+
+    def set(self, directory: str, ttl_s: float, action: str | None, *, busy: bool, now: float, wall: float,
+            owner_uid: int | None = None) -> DirFuse:
+        """A new fuse (replacing any); armed at once when no session runs in `directory`."""
+        if ttl_s <= 0:
+            raise ValueError(f"a fuse needs a positive TTL, got {ttl_s}")
+        fuse = DirFuse(directory, ttl_s, action, owner_uid=owner_uid)
+        self.fuses[directory] = fuse
+        if not busy:
+            self._arm(fuse, now, wall)
+        return fuse
+
+    def extend(self, directory: str, by_s: float, now: float) -> DirFuse:
+        fuse = self.get(directory)
+        if fuse.state == "fired":
+            raise NoFuse(directory)
+        fuse.ttl_s += by_s
+        if fuse.deadline is not None and fuse.deadline_wall is not None:
+            fuse.deadline = max(fuse.deadline, now) + by_s
+            fuse.deadline_wall += by_s
+        return fuse
+
+    def cancel(self, directory: str) -> DirFuse:
+        fuse = self.get(directory)
+        del self.fuses[directory]
+        return fuse
+
+    def session_started(self, directory: str) -> bool:
+        """A session began in `directory`: its fuse waits again. True if it changed."""
+        fuse = self.fuses.get(directory)
+        if fuse is None or fuse.state != "armed":
+            return False
+        fuse.state, fuse.deadline, fuse.deadline_wall, fuse.armed_at = "waiting", None, None, None
+        return True
+
+    def last_session_stopped(self, directory: str, now: float, wall: float) -> bool:
+        fuse = self.fuses.get(directory)
+        if fuse is None or fuse.state != "waiting":
+            return False
+        self._arm(fuse, now, wall)
+        return True
+
+    def tick(self, now: float) -> list[FuseFired]:
+        fired: list[FuseFired] = []
+        for fuse in self.fuses.values():
+            if fuse.state == "armed" and fuse.deadline is not None and now >= fuse.deadline:
+                fuse.state = "fired"
+                fired.append(FuseFired(fuse.directory, fuse.action, fuse.armed_at or 0.0))
+        return fired
+
+    def next_deadline(self) -> float | None:
+        return min((f.deadline for f in self.fuses.values() if f.state == "armed" and f.deadline is not None), default=None)
+
+    def _arm(self, fuse: DirFuse, now: float, wall: float) -> None:
+        fuse.state = "armed"
+        fuse.deadline, fuse.deadline_wall, fuse.boot_id, fuse.armed_at = now + fuse.ttl_s, wall + fuse.ttl_s, self.boot_id, wall

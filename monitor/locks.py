@@ -1,0 +1,116 @@
+"""Directory locks, owned by a process (auto) or held by a name (manual).
+
+A pure state machine over canonical paths (the engine resolves them). A lock
+covers its subtree: a directory inside a locked one, or above one, is refused.
+Acquiring checks and takes in one step; a live owner is refused with an error
+that names it; a dead owner's lock is taken over, and the takeover is reported.
+An auto lock is released by its owner's `Exited` itself, never by a sweep.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from monitor.errors import MonitorError
+from monitor.events import LockAcquired, LockReleased, Transition
+from monitor.identity import ProcessKey
+
+
+class LockHeld(MonitorError):
+    """The directory (or one above or below it) is locked by someone alive."""
+
+    def __init__(self, wanted: str, lock: Lock) -> None:
+        self.lock = lock
+        where = "" if lock.directory == wanted else f" (through {lock.directory})"
+        super().__init__(f"{wanted} is locked{where} by {lock.holder()}")
+
+
+class NotLocked(MonitorError):
+    def __init__(self, directory: str) -> None:
+        super().__init__(f"{directory} is not locked")
+
+
+@dataclass
+class Lock:
+    directory: str
+    kind: Literal["auto", "manual"]
+    owner: ProcessKey | None = None
+    session_id: str | None = None
+    by: str | None = None
+    reason: str | None = None
+    locked_at: float = 0.0  # wall
+    owner_uid: int | None = None
+
+    def holder(self) -> str:
+        if self.kind == "manual":
+            return f"{self.by or 'someone'}" + (f": {self.reason}" if self.reason else "")
+        return f"process {self.owner.pid if self.owner else '?'}" + (f" of session {self.session_id}" if self.session_id else "")
+
+    def public(self) -> dict[str, Any]:
+        return {"directory": self.directory, "kind": self.kind, "pid": self.owner.pid if self.owner else None,
+                "key": self.owner.to_dict() if self.owner else None, "session_id": self.session_id,
+                "by": self.by, "reason": self.reason, "locked_at": self.locked_at}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.public(), "owner_uid": self.owner_uid}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Lock:
+        return cls(d["directory"], d["kind"], ProcessKey.from_dict(d["key"]) if d.get("key") else None,
+                   d.get("session_id"), d.get("by"), d.get("reason"), d.get("locked_at", 0.0), d.get("owner_uid"))
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Equal, or one inside the other (by path components, not by string prefix)."""
+    if a == b:
+        return True
+    a_, b_ = a.rstrip(os.sep) + os.sep, b.rstrip(os.sep) + os.sep
+    return a_.startswith(b_) or b_.startswith(a_)
+
+
+class LockTable:
+    def __init__(self) -> None:
+        self.locks: dict[str, Lock] = {}
+
+    def load(self, lock: Lock) -> None:
+        self.locks[lock.directory] = lock
+
+    def conflicts(self, directory: str) -> list[Lock]:
+        return [lock for lock in self.locks.values() if overlaps(lock.directory, directory)]
+
+    def owned_by(self, key: ProcessKey) -> list[Lock]:
+        return [lock for lock in self.locks.values() if lock.owner == key]
+
+    def acquire(self, lock: Lock, alive: Callable[[ProcessKey], bool]) -> list[Transition]:
+        """Take `lock` or raise LockHeld; locks of dead owners in the way are taken over."""
+        transitions: list[Transition] = []
+        dead: list[Lock] = []
+        for held in self.conflicts(lock.directory):
+            if held.kind == "auto" and held.owner is not None and held.owner == lock.owner:
+                return []  # the same process again: it has it already
+            if held.kind == "manual" or held.owner is None or alive(held.owner):
+                raise LockHeld(lock.directory, held)
+            dead.append(held)
+        for held in dead:
+            del self.locks[held.directory]
+            transitions.append(LockReleased(held.directory, held.kind, held.owner, "taken_over", "relist"))
+        self.locks[lock.directory] = lock
+        took_over = ", ".join(h.holder() for h in dead) or None
+        transitions.append(LockAcquired(lock.directory, lock.kind, lock.owner, lock.session_id, took_over))
+        return transitions
+
+    def release(self, directory: str) -> list[Transition]:
+        lock = self.locks.pop(directory, None)
+        if lock is None:
+            raise NotLocked(directory)
+        return [LockReleased(lock.directory, lock.kind, lock.owner, "unlocked", None)]
+
+    def release_owner(self, key: ProcessKey, evidence: str) -> list[Transition]:
+        """Every lock `key` owns, released on the evidence of its exit."""
+        released = self.owned_by(key)
+        for lock in released:
+            del self.locks[lock.directory]
+        return [LockReleased(lock.directory, lock.kind, lock.owner, "owner_exited", evidence) for lock in released]
