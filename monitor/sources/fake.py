@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 
+from monitor.errors import AccessDenied
 from monitor.events import FAKE, Execed, Forked
 from monitor.identity import ProcessKey
 from monitor.sources.base import EventSource, Watch
@@ -28,10 +29,15 @@ class FakeSource(EventSource):
     def __init__(self, *, all_events: bool = False) -> None:
         super().__init__(all_events=all_events)
         self._dead: dict[ProcessKey, int | None] = {}
+        self.refuse: set[ProcessKey] = set()  # keys it cannot watch (AccessDenied), as a real source may
         self._clock_ns = itertools.count(1_000_000_000, 1_000)
 
     async def _start(self) -> None:
         pass
+
+    def _attach(self, watch: Watch) -> None:
+        if watch.key in self.refuse:
+            raise AccessDenied(f"fake: refusing to watch {watch.key}")
 
     def is_alive(self, key: ProcessKey) -> bool:
         """The scripted truth: alive until the script said it exited or vanished."""
