@@ -13,9 +13,11 @@
 
 from __future__ import annotations
 
+from monitor.engine import AlreadyDead, Engine
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess, SourceFailed, SourceUnavailable
 from monitor.events import Event, Execed, Exited, Forked, Overrun, WaitStatus
 from monitor.identity import ProcessKey
+from monitor.locks import LockHeld
 from monitor.sources import open_source, select_source
 from monitor.sources.base import EventSource
 from monitor.waiting import wait_for_exit, wait_for_exits
@@ -24,6 +26,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessDenied",
+    "AlreadyDead",
+    "Engine",
+    "LockHeld",
     "Event",
     "EventSource",
     "Execed",

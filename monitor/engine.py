@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal as signals
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -338,6 +339,11 @@ class Engine:
         """Signal the session's process group (it leads one when launched) or the process;
         through a pidfd, so a reused PID can never be hit."""
         key = command.key
+        if sys.platform != "linux":  # no pidfds: check the identity, then signal the PID
+            if self._alive(key):
+                with contextlib.suppress(OSError):
+                    os.kill(key.pid, command.signum)
+            return
         try:
             fd = os.pidfd_open(key.pid)
         except OSError:
