@@ -126,6 +126,7 @@ class Engine:
         self._next_relist = 0.0
         self._actions: set[asyncio.Task[None]] = set()
         self._dirty_fuses: set[str] = set()  # fuses changed since the last batch
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class Engine:
     async def start(self) -> None:
         """Open the source first (buffering its events), load and verify the state, apply
         the buffer, then run. Nothing is fired for a process that lives."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._commits = asyncio.Queue()
         self._wake = asyncio.Event()
         if isinstance(self._source_arg, EventSource):
@@ -298,8 +299,8 @@ class Engine:
         self._fill(batch, step)
         if not batch and not step.commands and not always:
             return None
-        assert self._commits is not None
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        assert self._commits is not None and self._loop is not None
+        done: asyncio.Future[None] = self._loop.create_future()  # callable outside the loop too (tests)
         self._commits.put_nowait((batch, step, done))
         return done
 

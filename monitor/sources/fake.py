@@ -39,6 +39,13 @@ class FakeSource(EventSource):
         if watch.key in self.refuse:
             raise AccessDenied(f"fake: refusing to watch {watch.key}")
 
+    def restarted(self) -> FakeSource:
+        """A fresh, unstarted source that knows the same deaths: for a restart in a test."""
+        fresh = FakeSource(all_events=self.all_events)
+        fresh._dead = dict(self._dead)
+        fresh.refuse = set(self.refuse)
+        return fresh
+
     def is_alive(self, key: ProcessKey) -> bool:
         """The scripted truth: alive until the script said it exited or vanished."""
         return key not in self._dead
