@@ -69,6 +69,7 @@ async def _wait(args: argparse.Namespace) -> int:
     options = _source_options(args) | {"types": ("exit",)}
     async with open_source(args.source, **options) as source:
         keys = [ProcessKey.of(pid) for pid in args.pids]  # once listening: nothing falls between
+        log.info("waiting for %s with %s", ", ".join(str(k.pid) for k in keys), source.name)
         try:
             results = await wait_on(source, keys, any_=args.any, timeout=args.timeout)
         except TimeoutError:

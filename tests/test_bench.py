@@ -94,3 +94,72 @@ def test_project_targets_are_reported(quick_latency: dict[str, Any]) -> None:
     assert methods["netlink_python"]["target_ratio"] == 1.15
     assert methods["pidfd"]["target_ratio"] == 1.3
     assert isinstance(methods["pidfd"]["meets_target"], bool)
+
+
+# -- the engine benchmark -------------------------------------------------------------------
+
+ENGINE_METHODS = ("netlink_native", "netlink_python", "pidfd")
+
+
+@pytest.fixture(scope="module")
+def quick_engine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench-engine") / "latest.json"
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "--quick", "--only", "engine", "--out", str(out), "--seed", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    assert "| source | n | lock gone in memory p50 |" in result.stdout  # the markdown tables
+    assert "| source | sessions / locks |" in result.stdout
+    assert "### Engine" in out.with_suffix(".md").read_text()
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+def test_engine_only_the_requested_benchmark(quick_engine: dict[str, Any]) -> None:
+    assert set(quick_engine) == {"meta", "engine"}
+    assert quick_engine["meta"]["quick"] is True
+    engine = quick_engine["engine"]
+    assert set(engine["exit"]) == set(ENGINE_METHODS)
+    assert set(engine["scale"]["runs"]) == set(ENGINE_METHODS)
+    floor = engine["sqlite_commit"]
+    assert 0 < floor["p50_us"] <= floor["p99_us"]
+
+
+def test_engine_exit_numbers_are_sane(quick_engine: dict[str, Any]) -> None:
+    sizes = quick_engine["meta"]["sizes"]
+    for key, m in quick_engine["engine"]["exit"].items():
+        if m.get("status") == "not built":
+            assert "native" in key
+            continue
+        assert m["n"] + m["missed"] == sizes["engine_exit_n"], key
+        assert m["n"] > 0, key
+        for stage in ("memory", "committed", "stopped"):
+            assert 0 < m[stage]["p50_us"] <= m[stage]["p90_us"] <= m[stage]["p99_us"], (key, stage)
+        # Per exit: the lock goes in memory, then the commit, then the listener hears of it.
+        assert m["memory"]["p50_us"] < m["committed"]["p50_us"] <= m["stopped"]["p50_us"], key
+        parts = m["breakdown_median_us"]
+        assert parts["exit_to_observed_us"] > 0 and parts["memory_to_committed_us"] > 0, key
+        assert m["commit_vs_floor"] > 0, key
+
+
+def test_engine_scale_numbers_are_sane(quick_engine: dict[str, Any]) -> None:
+    sizes = quick_engine["meta"]["sizes"]
+    n = sizes["engine_n"]
+    assert quick_engine["engine"]["scale"]["n"] == n
+    for key, run in quick_engine["engine"]["scale"]["runs"].items():
+        if run.get("status") == "not built":
+            assert "native" in key
+            continue
+        assert run["sessions"] == run["locks"] == n, key
+        assert run["fds_delta"] >= n, key  # a pidfd per watched process
+        assert run["rss_delta_kib"] > 0 and run["state_bytes"] > 0, key
+        assert "state.db" in run["state_files"], key
+        assert run["restart_sessions"] == run["restart_locks"] == n, key  # all alive: nothing released at restart
+        assert run["restart_s"] > 0 and run["restart_vs_empty_start"] > 0, key
+        assert run["idle_cpu_percent"] >= 0, key
+        held = run["held"]
+        assert held["n"] + held["missed"] == sizes["engine_held_n"] and held["n"] > 0, key
+        kill = run["kill_all"]
+        assert kill["locks_released"] == kill["committed"] == kill["stopped"] == n, key
+        assert 0 < kill["to_first_release_s"] <= kill["to_last_release_s"] <= kill["to_last_committed_s"], key

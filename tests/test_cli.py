@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import PYTHON, ROOT, Procs
@@ -17,28 +18,42 @@ def monitor(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
     return subprocess.run([*MONITOR, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def start_monitor(procs: Procs, *args: str) -> subprocess.Popen[bytes]:
-    """`monitor ARGS -v`, returned once it says it is listening."""
+def start_monitor(procs: Procs, *args: str, ready: str = "listening with") -> subprocess.Popen[bytes]:
+    """`monitor ARGS -v`, returned once it says it is ready."""
     proc = procs.spawn(*MONITOR, *args, "-v", cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     for line in proc.stderr:
-        if b"listening with" in line:
+        if ready.encode() in line:
             return proc
     raise AssertionError(f"monitor never listened: exit {proc.wait()}")
 
 
-def test_wait_returns_a_grandchilds_exit_code(procs: Procs) -> None:
-    _, pid = procs.grandchild("sleep 0.5; exit 9")
-    result = monitor("wait", str(pid))
-    assert result.returncode == 9, result.stderr
-    assert f"{pid}: exited with code 9" in result.stdout  # the line people read
+def gated_grandchild(procs: Procs, gate: Path, then: str) -> int:
+    """A grandchild (reaped by its own parent) that runs `then` once `gate` exists."""
+    _, pid = procs.grandchild(f"while [ ! -e {gate} ]; do sleep 0.02; done; {then}")
+    return pid
 
 
-def test_wait_reports_a_signal_as_128_plus_it(procs: Procs) -> None:
-    _, pid = procs.grandchild("sleep 0.5; kill -TERM $$")
-    result = monitor("wait", "--json", str(pid))
-    assert result.returncode == 128 + 15
-    line = json.loads(result.stdout)
+def wait_started(procs: Procs, gate: Path, *args: str) -> tuple[int, str, str]:
+    """`monitor wait ARGS`, the gate opened only once it watches: no race with its start-up."""
+    waiter = start_monitor(procs, "wait", *args, ready="waiting for")
+    gate.touch()
+    out, err = waiter.communicate(timeout=20)
+    return waiter.returncode, out.decode(), err.decode()
+
+
+def test_wait_returns_a_grandchilds_exit_code(procs: Procs, tmp_path: Path) -> None:
+    pid = gated_grandchild(procs, tmp_path / "go", "exit 9")
+    code, out, err = wait_started(procs, tmp_path / "go", str(pid))
+    assert code == 9, err
+    assert f"{pid}: exited with code 9" in out  # the line people read
+
+
+def test_wait_reports_a_signal_as_128_plus_it(procs: Procs, tmp_path: Path) -> None:
+    pid = gated_grandchild(procs, tmp_path / "go", "kill -TERM $$")
+    code, out, _ = wait_started(procs, tmp_path / "go", "--json", str(pid))
+    assert code == 128 + 15
+    line = json.loads(out)
     assert (line["pid"], line["signal"], line["exit_code"], line["status"]) == (pid, 15, None, 143)
 
 

@@ -16,7 +16,8 @@ def test_library_example_runs() -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     _pid, code, signal, source = lines[0].split()
-    assert (code, signal) == ("3", "None") and source in ("netlink", "pidfd", "poll")
+    # relist: on a slow machine the child may have ended before the source listened (a zombie then)
+    assert (code, signal) == ("3", "None") and source in ("netlink", "pidfd", "poll", "relist")
     assert lines[-1].startswith("process.exited")
 
 
