@@ -65,10 +65,8 @@ def process_argv(pid: int) -> list[str]:
 
 def who_uses(directory: str) -> list[dict[str, Any]]:
     """Every process whose working directory is `directory` or inside it."""
-    from monitor.locks import overlaps
-
     found = []
-    root = os.path.realpath(directory)
+    root = os.path.realpath(directory).rstrip(os.sep) + os.sep
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -76,7 +74,7 @@ def who_uses(directory: str) -> list[dict[str, Any]]:
             cwd = os.readlink(f"/proc/{name}/cwd")
         except OSError:
             continue
-        if overlaps(cwd, root) and (cwd + os.sep).startswith(root.rstrip(os.sep) + os.sep):
+        if (cwd.rstrip(os.sep) + os.sep).startswith(root):
             found.append({"pid": int(name), "cwd": cwd, "argv": process_argv(int(name))})
     return found
 
@@ -117,7 +115,7 @@ class Engine:
         self._exit_files: ExitFileSource | None = None
         self._store: Store | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor-store")
-        self._commits: asyncio.Queue[tuple[Batch, Step, asyncio.Future[None] | None]] | None = None
+        self._commits: asyncio.Queue[tuple[Batch, Step, asyncio.Future[None] | None] | None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._timers = timers
         self._buffer: list[Event] | None = []
@@ -166,18 +164,15 @@ class Engine:
 
     async def close(self) -> None:
         """Stop listening and writing. Fires nothing, releases nothing: a restart picks up."""
+        if self._commits is not None:  # what was decided is still written: the writer ends after it
+            self._commits.put_nowait(None)
         for task in self._tasks:
-            task.cancel()
+            if task.get_name() != "monitor-commits":
+                task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        if self._commits is not None:  # what was decided is still written
-            while not self._commits.empty():
-                batch, _step, done = self._commits.get_nowait()
-                await self._run(self._store.commit, batch) if self._store else None
-                if done is not None and not done.done():
-                    done.set_result(None)
         for task in list(self._actions):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -307,7 +302,10 @@ class Engine:
     async def _commit_loop(self) -> None:
         assert self._commits is not None and self._store is not None
         while True:
-            batch, step, done = await self._commits.get()
+            item = await self._commits.get()
+            if item is None:
+                return  # closing: everything before this was written
+            batch, step, done = item
             try:
                 if batch:
                     await self._run(self._store.commit, batch)
@@ -455,6 +453,9 @@ class Engine:
         """Follow a process that a launcher started (or `attach` found) as a new session."""
         if not self._alive(key):
             raise AlreadyDead(key)
+        followed = self.tracker.session_of(key)
+        if followed is not None:
+            raise MonitorError(f"process {key.pid} is already followed by session {followed.id}")
         now, wall = self.clock.monotonic(), self.clock.wall()
         directory = os.path.realpath(cwd or process_cwd(key.pid))
         session = Session(
