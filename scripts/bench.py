@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmarks of monitor's event sources against baselines measured in the same run.
 
-    scripts/bench [--quick] [--only latency,storm,scale] [--out bench-results/latest.json]
+    scripts/bench [--quick] [--only latency,storm,scale,engine] [--out bench-results/latest.json]
 
-Three benchmarks, each reported as ratios against a baseline from this very run
+Four benchmarks, each reported as ratios against a baseline from this very run
 (this VM is noisy, so absolute numbers from another run are not comparable):
 
 latency  exit -> `Exited` in the Python consumer, p50/p99, for netlink (python and
@@ -14,13 +14,18 @@ storm    two fork-storm generators plus 100 watched processes that exit during t
          per event, and how much of the storm the all-events mode captures.
 scale    memory, file descriptors and time to watch 1,000 and 10,000 processes
          (--quick: 1,000), and how fast all their exits arrive when they all die.
+engine   the whole Engine (source, tracker, locks, SQLite): exit -> auto lock gone in
+         memory and -> `LockReleased` committed and delivered, p50/p99, against one
+         bare SQLite commit; then 10,000 sessions with locks (--quick: 1,000): memory,
+         state file size, idle CPU, a restart's reconcile time (against a start on an
+         empty state file), exits with them all held, and all of them exiting at once.
 
 Every helper is a child of this process and is reaped here, even on Ctrl-C: PID 1
 on the benchmark VM does not reap orphans. As a safety net this process makes
 itself a child subreaper, so anything orphaned below it is reaped at the end too.
 
 The same file also runs the Python listeners, in their own processes (so their
-CPU and memory are theirs alone): `bench.py --role latency|storm|scale --method M`.
+CPU and memory are theirs alone): `bench.py --role latency|storm|scale|engine --method M`.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `monitor` without installing it
 C_DIR = ROOT / "scripts" / "bench_c"
-BENCHES = ("latency", "storm", "scale")
+BENCHES = ("latency", "storm", "scale", "engine")
 
 
 class BenchError(Exception):
@@ -74,12 +79,19 @@ class Sizes:
     storm_s: float
     storm_watched: int
     scale_ns: tuple[int, ...]  # watched-process counts for the scale benchmark
+    engine_rounds: int  # sources interleaved as in latency: one engine per source per round
+    engine_exit_n: int  # exit -> lock released samples per source (all rounds together)
+    engine_n: int  # sessions with locks held at once
+    engine_held_n: int  # exit samples taken while those are held
+    engine_idle_s: float  # how long the idle CPU of the loaded engine is measured
 
 
 FULL = Sizes(lat_rounds=5, lat_event_n=1000, lat_poll_n=200, lat_kill_n=30, lat_warmup=3,
-             storm_s=10.0, storm_watched=100, scale_ns=(1_000, 10_000))
+             storm_s=10.0, storm_watched=100, scale_ns=(1_000, 10_000),
+             engine_rounds=5, engine_exit_n=1000, engine_n=10_000, engine_held_n=100, engine_idle_s=5.0)
 QUICK = Sizes(lat_rounds=2, lat_event_n=50, lat_poll_n=10, lat_kill_n=4, lat_warmup=1,
-              storm_s=2.0, storm_watched=100, scale_ns=(1_000,))
+              storm_s=2.0, storm_watched=100, scale_ns=(1_000,),
+              engine_rounds=2, engine_exit_n=50, engine_n=1_000, engine_held_n=10, engine_idle_s=1.0)
 
 
 # ======================================================================================
@@ -687,12 +699,182 @@ async def scale_role(method: str) -> None:
                 state["overruns"] += 1
 
 
-def run_role(role: str, method: str, dump: str | None) -> int:
+ENGINE_SOURCES: dict[str, tuple[str, dict[str, Any]]] = {
+    "netlink_native": ("netlink", {"decoder": "native"}),
+    "netlink_python": ("netlink", {"decoder": "python"}),
+    "pidfd": ("pidfd", {}),
+}
+
+
+async def engine_role(method: str, state_path: str) -> None:
+    """An Engine on `state_path`, attaching what the harness names and stamping each release.
+
+    Two moments are stamped per exit: the in-memory one (the wrapped
+    `engine.locks.release_owner` returned the lock: anyone asking now sees the directory
+    free) and the durable one (the transition listener, which runs after the commit).
+    `Exited.observed_ns` (the source emitted it) comes from the wrapped `_on_event`.
+
+    Protocol: "READY {json}" once start() returned (it is timed: with a state file that
+    holds sessions, that is a restart's reconcile). "A pid dir" -> attach pid as a session
+    with an auto lock on dir, answer "A pid"; on its exit "R pid observed_ns kernel_ts_ns
+    memory_ns lock_committed_ns stop_committed_ns" (0 when unknown). "F path" -> attach
+    every "pid dir" line of the file, in order, answer "F {json}". "I s" -> idle CPU over
+    s seconds, answer "I {json}". "K n" -> count the releases of sessions not attached with
+    "A" (the harness then kills them), answer "K", and "X {json}" once n are committed.
+    "C" -> close the engine, answer "C {json}". EOF closes it (if still open) and ends.
+    """
+    from monitor.engine import Engine
+    from monitor.events import Exited, LockReleased, SessionStopped
+    from monitor.identity import ProcessKey
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a pidfd per watched process
+    loop = asyncio.get_running_loop()
+    source, options = ENGINE_SOURCES[method]
+    engine = Engine(state_path, source=source, source_options=options)
+    probes: dict[ProcessKey, dict[str, int]] = {}  # the "A" sessions' stamps, by their key
+    probe_ids: dict[str, ProcessKey] = {}  # session id -> key, for SessionStopped
+    bulk = {"expected": 0, "memory": 0, "committed": 0, "stopped": 0,
+            "first_memory_ns": 0, "last_memory_ns": 0, "first_committed_ns": 0, "last_committed_ns": 0}
+    tasks: set[asyncio.Task[None]] = set()
+    finished = asyncio.Event()
+
+    on_event = engine._on_event
+
+    def stamped_event(event: Any) -> None:
+        if isinstance(event, Exited) and event.key in probes:
+            probes[event.key].update(observed=event.observed_ns, kernel=event.kernel_ts_ns or 0)
+        on_event(event)
+
+    release_owner = engine.locks.release_owner
+
+    def stamped_release(key: ProcessKey, evidence: str) -> list[Any]:
+        released = release_owner(key, evidence)
+        if released:
+            now = time.monotonic_ns()
+            if key in probes:
+                probes[key]["memory"] = now
+            else:
+                bulk["memory"] += len(released)
+                bulk["first_memory_ns"] = bulk["first_memory_ns"] or now
+                bulk["last_memory_ns"] = now
+        return released
+
+    engine._on_event = stamped_event  # type: ignore[method-assign]
+    engine.locks.release_owner = stamped_release  # type: ignore[method-assign]
+
+    def on_transition(transition: Any) -> None:
+        now = time.monotonic_ns()
+        if isinstance(transition, LockReleased) and transition.owner is not None:
+            if transition.owner in probes:
+                probes[transition.owner]["lock"] = now
+            else:
+                bulk["committed"] += 1
+                bulk["first_committed_ns"] = bulk["first_committed_ns"] or now
+                bulk["last_committed_ns"] = now
+        elif isinstance(transition, SessionStopped):
+            key = probe_ids.pop(transition.session_id, None)
+            if key is None:
+                bulk["stopped"] += 1
+            else:
+                s = probes.pop(key)
+                say(f"R {key.pid} {s.get('observed', 0)} {s.get('kernel', 0)} {s.get('memory', 0)} {s.get('lock', 0)} {now}")
+        if bulk["expected"] and bulk["committed"] >= bulk["expected"] and bulk["stopped"] >= bulk["expected"]:
+            bulk["expected"] = 0
+            say("X " + json.dumps({**bulk, "stats": engine.source.stats() if engine.source else {}}))
+
+    engine.add_listener(on_transition)
+
+    def spawn(coro: Any) -> None:
+        """Run a command's coroutine; its failure is told to the harness, not lost."""
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception as err:
+                say(f"ERR {type(err).__name__}: {err}")
+
+        task = loop.create_task(guarded())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def attach_one(pid: int, directory: str) -> None:
+        session = await engine.attach(pid, cwd=directory, argv=["target"], lock=True)
+        probes[session.key] = {}
+        probe_ids[session.id] = session.key
+        say(f"A {pid}")
+
+    async def attach_file(path: str) -> None:
+        jobs = [line.split(maxsplit=1) for line in Path(path).read_text().splitlines()]
+        before = {"rss_kib": rss_kib(), "fds": open_fds(), "cpu_us": cpu_us()}
+        chunk_us: list[float] = []  # µs per attach, per 1,000 sessions: grows if attach is O(sessions)
+        t0 = t_chunk = time.perf_counter()
+        for i, (pid, directory) in enumerate(jobs, start=1):
+            await engine.attach(int(pid), cwd=directory, argv=["spawner-child"], lock=True)
+            if i % 1000 == 0 or i == len(jobs):
+                now = time.perf_counter()
+                chunk_us.append((now - t_chunk) / (i - 1000 * len(chunk_us)) * 1e6)
+                t_chunk = now
+        attach_s = time.perf_counter() - t0
+        await engine.flush()
+        say("F " + json.dumps({
+            "n": len(jobs), "attach_s": attach_s, "attach_chunk_us": chunk_us, "cpu_us": cpu_us() - before["cpu_us"],
+            "rss_kib_before": before["rss_kib"], "rss_kib_after": rss_kib(),
+            "fds_before": before["fds"], "fds_after": open_fds(),
+            "sessions": len(engine.sessions()), "locks": len(engine.locks.locks), "nofile_limit": hard,
+        }))
+
+    async def idle(seconds: float) -> None:
+        cpu0, t0 = cpu_us(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        say("I " + json.dumps({"cpu_us": cpu_us() - cpu0, "wall_s": time.perf_counter() - t0}))
+
+    async def close() -> None:
+        t0 = time.perf_counter()
+        await engine.close()
+        say("C " + json.dumps({"close_s": time.perf_counter() - t0}))
+
+    closing: list[asyncio.Task[None]] = []
+
+    def on_line(line: str) -> None:
+        words = line.split()
+        if words[0] == "A":
+            spawn(attach_one(int(words[1]), words[2]))
+        elif words[0] == "F":
+            spawn(attach_file(words[1]))
+        elif words[0] == "I":
+            spawn(idle(float(words[1])))
+        elif words[0] == "K":
+            bulk.update(dict.fromkeys(bulk, 0), expected=int(words[1]))  # counting starts now
+            say("K")
+        elif words[0] == "C":
+            closing.append(loop.create_task(close()))
+
+    rss_before, fds_before = rss_kib(), open_fds()
+    t0 = time.perf_counter()
+    await engine.start()
+    start_s = time.perf_counter() - t0
+    StdinLines(on_line, finished.set)
+    say("READY " + json.dumps({
+        "start_s": start_s, "rss_kib_before": rss_before, "rss_kib_after": rss_kib(),
+        "fds_before": fds_before, "fds_after": open_fds(), "sessions": len(engine.sessions()),
+        "sessions_in_memory": len(engine.tracker.sessions),  # stopped ones too
+        "locks": len(engine.locks.locks), "stats": engine.source.stats() if engine.source else {},
+    }))
+    await finished.wait()
+    for task in list(tasks):
+        task.cancel()
+    if closing:
+        await closing[0]
+    else:
+        await engine.close()
+
+
+def run_role(role: str, method: str, dump: str | None, state: str | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # overrun warnings would flood the terminal
     roles = {"latency": lambda: latency_role(method), "storm": lambda: storm_role(method, dump),
-             "scale": lambda: scale_role(method)}
+             "scale": lambda: scale_role(method), "engine": lambda: engine_role(method, state or "state.db")}
     asyncio.run(roles[role]())
     return 0
 
@@ -1143,14 +1325,341 @@ def scale_table(res: dict[str, Any]) -> str:
     return text
 
 
+# -- 4. engine --------------------------------------------------------------------------
+
+
+def engine_methods(ctx: Ctx) -> list[str]:
+    return ["netlink_native", "netlink_python", "pidfd"] if ctx.native else ["netlink_python", "pidfd"]
+
+
+def start_engine(ctx: Ctx, method: str, state: Path) -> tuple[Helper, dict[str, Any]]:
+    """An engine process on `state`, once its start() has returned, and what its READY said."""
+    helper = python_listener("engine", method, "--state", str(state))
+    try:
+        line = helper.expect_line("READY", 120 + ctx.sizes.engine_n / 100)
+    except BaseException:
+        helper.close(abandon=True)
+        raise
+    helper.ready = line.split()
+    return helper, json.loads(line.split(" ", 1)[1])
+
+
+def answer(helper: Helper, prefix: str, timeout: float) -> dict[str, Any]:
+    """The JSON of the next "prefix {json}" line."""
+    return dict(json.loads(helper.expect_line(prefix + " ", timeout).split(" ", 1)[1]))
+
+
+def sqlite_commit_floor(directory: Path, n: int = 200) -> dict[str, Any]:
+    """The floor under "committed": one small transaction the way the Store commits (WAL,
+    synchronous=FULL, BEGIN IMMEDIATE), on the file system that holds the engines' state."""
+    import sqlite3
+
+    db = sqlite3.connect(directory / "floor.db", isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO t(v) VALUES (?)", ("x" * 300,))
+            db.execute("COMMIT")
+            times.append((time.perf_counter_ns() - t0) / 1000)
+    finally:
+        db.close()
+    return {"n": n, **spread(sorted(times))}
+
+
+def spread(sorted_us: list[float]) -> dict[str, float | None]:
+    return {"p50_us": percentile(sorted_us, 50), "p90_us": percentile(sorted_us, 90),
+            "p99_us": percentile(sorted_us, 99), "max_us": sorted_us[-1] if sorted_us else None}
+
+
+def engine_exit(ctx: Ctx, engine: Helper, directory: Path) -> dict[str, int] | None:
+    """One session: a target (our child, not the engine's) attached with an auto lock on
+    `directory` of its own, then released; the engine's stamps of its end. None if none came."""
+    directory.mkdir(parents=True)
+    target = subprocess.Popen([ctx.bins["target"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    try:
+        engine.send(f"A {target.pid} {directory}")
+        engine.expect(f"A {target.pid}", 30)
+        assert target.stdin is not None and target.stdout is not None
+        target.stdin.write(b"x")
+        target.wait()
+        (t_exit,) = struct.unpack("=q", target.stdout.read(8))
+        try:
+            words = engine.expect(f"R {target.pid} ", 10)
+        except BenchError:
+            if engine.proc.poll() is not None:
+                raise
+            return None
+    finally:
+        if target.returncode is None:
+            target.kill()
+            target.wait()
+        for pipe in (target.stdin, target.stdout):
+            if pipe is not None:
+                pipe.close()
+    observed, kernel, memory, lock, stop = map(int, words[2:7])
+    return {"exit": t_exit, "observed": observed, "kernel": kernel, "memory": memory, "lock": lock, "stop": stop}
+
+
+def summarize_engine_exits(samples: list[dict[str, int]], missed: int) -> dict[str, Any]:
+    def since_exit(stamp: str) -> list[float]:
+        return sorted((s[stamp] - s["exit"]) / 1000 for s in samples if s[stamp])
+
+    result: dict[str, Any] = {"n": len(samples), "missed": missed, "memory": spread(since_exit("memory")),
+                              "committed": spread(since_exit("lock")), "stopped": spread(since_exit("stop"))}
+    # Where the time goes (medians): the source emits `Exited`, the lock goes in memory,
+    # then the transaction commits and the listener hears of it.
+    parts = {
+        "exit_to_kernel_us": [(s["kernel"] - s["exit"]) / 1000 for s in samples if s["kernel"]],
+        "exit_to_observed_us": [(s["observed"] - s["exit"]) / 1000 for s in samples if s["observed"]],
+        "observed_to_memory_us": [(s["memory"] - s["observed"]) / 1000 for s in samples if s["observed"] and s["memory"]],
+        "memory_to_committed_us": [(s["lock"] - s["memory"]) / 1000 for s in samples if s["memory"] and s["lock"]],
+    }
+    result["breakdown_median_us"] = {k: median(v) for k, v in parts.items() if v}
+    return result
+
+
+def engine_exits(ctx: Ctx, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Exit -> lock gone, per source, interleaved in rounds like the latency benchmark; each
+    round a fresh engine on a fresh state file."""
+    rounds, total = ctx.sizes.engine_rounds, ctx.sizes.engine_exit_n
+    samples: dict[str, list[dict[str, int]]] = {m: [] for m in methods}
+    missed = dict.fromkeys(methods, 0)
+    for r in range(rounds):
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        for method in order:
+            n = total // rounds + (1 if r < total % rounds else 0)
+            log(f"engine exits round {r + 1}/{rounds}: {method} x{n}")
+            run_dir = Path(tempfile.mkdtemp(prefix=f"engine-exit-{method}-", dir=ctx.tmp))
+            engine, _ready = start_engine(ctx, method, run_dir / "state.db")
+            try:
+                for i in range(ctx.sizes.lat_warmup + n):  # the latency benchmark's warmup
+                    sample = engine_exit(ctx, engine, run_dir / f"s{i:04d}")
+                    if i < ctx.sizes.lat_warmup:
+                        continue
+                    if sample is None:
+                        missed[method] += 1
+                    else:
+                        samples[method].append(sample)
+            finally:
+                engine.close()
+    return {m: summarize_engine_exits(samples[m], missed[m]) for m in methods}
+
+
+def engine_scale_run(ctx: Ctx, method: str) -> dict[str, Any]:
+    """`engine_n` idle processes attached as sessions with a lock each; memory, state file,
+    idle CPU; a restart on that state with all of them alive; exits while they are held;
+    then all of them killed at once."""
+    n = ctx.sizes.engine_n
+    run_dir = Path(tempfile.mkdtemp(prefix=f"engine-scale-{method}-", dir=ctx.tmp))
+    state = run_dir / "state.db"
+    helpers: list[Helper] = []
+    ok = False
+    try:
+        spawner = Helper("spawner", [ctx.bins["spawner"], str(n)], stop_signal=signal.SIGTERM)
+        helpers.append(spawner)
+        pids = []
+        while (line := spawner.readline(120)) != "READY":
+            pids.append(int(line))
+        if len(pids) != n:
+            raise BenchError(f"the spawner started only {len(pids)} of {n} processes")
+        jobs = []
+        for i, pid in enumerate(pids):
+            directory = run_dir / "s" / f"{i:05d}"
+            directory.mkdir(parents=True)
+            jobs.append(f"{pid} {directory}\n")
+        job_file = run_dir / "sessions.txt"
+        job_file.write_text("".join(jobs))
+
+        engine, empty = start_engine(ctx, method, state)
+        helpers.append(engine)
+        engine.send(f"F {job_file}")
+        attached = answer(engine, "F", 600 + n / 10)
+        engine.send(f"I {ctx.sizes.engine_idle_s}")
+        idle = answer(engine, "I", ctx.sizes.engine_idle_s + 60)
+        engine.send("C")
+        closed = answer(engine, "C", 120)
+        helpers.remove(engine)
+        engine.close()
+        state_files = {path.name: path.stat().st_size for path in sorted(run_dir.glob("state.db*"))}
+
+        log(f"engine scale: {method}, restarting on {n:,} live sessions")
+        engine, restart = start_engine(ctx, method, state)
+        helpers.append(engine)
+        held: list[dict[str, int]] = []
+        held_missed = 0
+        for i in range(ctx.sizes.engine_held_n):
+            sample = engine_exit(ctx, engine, run_dir / "held" / f"p{i:04d}")
+            if sample is None:
+                held_missed += 1
+            else:
+                held.append(sample)
+        engine.send(f"K {n}")
+        engine.expect("K", 10)
+        t_kill = time.monotonic_ns()
+        spawner.proc.send_signal(signal.SIGTERM)  # it SIGKILLs all n and reaps them
+        burst = answer(engine, "X", 600)
+        spawner.expect("DONE", 120)
+        engine.send("C")
+        answer(engine, "C", 120)
+        helpers.remove(engine)
+        engine.close()
+
+        log(f"engine scale: {method}, restarting on {n:,} stopped sessions")
+        engine, after_stop = start_engine(ctx, method, state)  # the history: what a restart loads
+        helpers.append(engine)
+        ok = True
+    finally:
+        for helper in reversed(helpers):
+            helper.close(abandon=not ok)
+    rss_delta = attached["rss_kib_after"] - attached["rss_kib_before"]
+    state_bytes = sum(state_files.values())
+    return {
+        "n": n, "sessions": attached["sessions"], "locks": attached["locks"],
+        "attach_s": attached["attach_s"], "attach_us_per_session": attached["attach_s"] / n * 1e6,
+        "attach_chunk_us": attached["attach_chunk_us"], "cpu_ms_to_attach": attached["cpu_us"] / 1000,
+        "rss_delta_kib": rss_delta, "rss_bytes_per_session": rss_delta * 1024 / n,
+        "fds_delta": attached["fds_after"] - attached["fds_before"], "nofile_limit": attached["nofile_limit"],
+        "idle_cpu_percent": idle["cpu_us"] / idle["wall_s"] / 1e4, "idle_s": idle["wall_s"],
+        "close_s": closed["close_s"], "state_files": state_files, "state_bytes": state_bytes,
+        "state_bytes_per_session": state_bytes / n,
+        "empty_start_s": empty["start_s"], "restart_s": restart["start_s"],
+        "restart_vs_empty_start": ratio(restart["start_s"], empty["start_s"]),
+        "restart_sessions": restart["sessions"], "restart_locks": restart["locks"],
+        "restart_rss_delta_kib": restart["rss_kib_after"] - restart["rss_kib_before"],
+        "stopped_restart_s": after_stop["start_s"], "stopped_restart_sessions_in_memory": after_stop["sessions_in_memory"],
+        "stopped_restart_sessions": after_stop["sessions"], "stopped_restart_locks": after_stop["locks"],
+        "stopped_restart_rss_delta_kib": after_stop["rss_kib_after"] - after_stop["rss_kib_before"],
+        "held": summarize_engine_exits(held, held_missed),
+        "kill_all": {
+            "locks_released": burst["memory"], "committed": burst["committed"], "stopped": burst["stopped"],
+            "to_first_release_s": (burst["first_memory_ns"] - t_kill) / 1e9,
+            "to_last_release_s": (burst["last_memory_ns"] - t_kill) / 1e9,
+            "to_first_committed_s": (burst["first_committed_ns"] - t_kill) / 1e9,
+            "to_last_committed_s": (burst["last_committed_ns"] - t_kill) / 1e9,
+            "overruns": burst["stats"].get("overruns"),
+        },
+    }
+
+
+def bench_engine(ctx: Ctx) -> dict[str, Any]:
+    methods = engine_methods(ctx)
+    floor = sqlite_commit_floor(ctx.tmp)
+    exits = engine_exits(ctx, methods)
+    for res in exits.values():
+        res["commit_vs_floor"] = ratio(res["breakdown_median_us"].get("memory_to_committed_us"), floor["p50_us"])
+    scale: dict[str, Any] = {}
+    for method in methods:
+        log(f"engine scale: {method}, {ctx.sizes.engine_n:,} sessions")
+        try:
+            scale[method] = engine_scale_run(ctx, method)
+        except BenchError as err:  # one source failing still leaves the others' numbers
+            log(f"engine scale: {method} failed: {err}")
+            scale[method] = {"status": "failed", "error": str(err)}
+            continue
+        held, alone = scale[method]["held"], exits[method]
+        held["committed_p50_vs_alone"] = ratio(held["committed"]["p50_us"], alone["committed"]["p50_us"])
+        held["memory_p50_vs_alone"] = ratio(held["memory"]["p50_us"], alone["memory"]["p50_us"])
+    if not ctx.native:
+        exits["netlink_native"] = scale["netlink_native"] = {"status": "not built"}
+    return {"baseline": "sqlite_commit", "sqlite_commit": floor, "rounds": ctx.sizes.engine_rounds,
+            "exit": exits, "scale": {"n": ctx.sizes.engine_n, "runs": scale}}
+
+
+def engine_tables(res: dict[str, Any]) -> str:
+    floor = res["sqlite_commit"]
+    rows, parts_rows = [], []
+    for method, m in res["exit"].items():
+        label = LABELS.get(method, method)
+        if "n" not in m:
+            rows.append([label, m.get("status", "–")] + ["–"] * 6)
+            continue
+        n = str(m["n"]) + (f" ({m['missed']} missed)" if m["missed"] else "")
+        rows.append([label, n, fmt_us(m["memory"]["p50_us"]), fmt_us(m["memory"]["p99_us"]),
+                     fmt_us(m["committed"]["p50_us"]), fmt_us(m["committed"]["p99_us"]),
+                     fmt_us(m["stopped"]["p50_us"]), fmt_us(m["stopped"]["p99_us"])])
+        b = m["breakdown_median_us"]
+        parts_rows.append([label, fmt_us(b.get("exit_to_kernel_us")), fmt_us(b.get("exit_to_observed_us")),
+                           fmt_us(b.get("observed_to_memory_us")), fmt_us(b.get("memory_to_committed_us")),
+                           fmt_x(m["commit_vs_floor"])])
+    exits = md_table(["source", "n", "lock gone in memory p50", "p99", "`LockReleased` committed p50", "p99",
+                      "`SessionStopped` committed p50", "p99"], rows)
+    parts = md_table(["source", "exit → kernel stamp", "exit → source emits `Exited`", "emits → lock gone in memory",
+                      "lock gone → `LockReleased` delivered", "that vs one SQLite commit"], parts_rows)
+
+    state_rows: list[list[str]] = []
+    restart_rows: list[list[str]] = []
+    held_rows: list[list[str]] = []
+    failures: list[str] = []
+    n = res["scale"]["n"]
+    for method, run in res["scale"]["runs"].items():
+        label = LABELS.get(method, method)
+        if "n" not in run:
+            for rows_, columns in ((state_rows, 8), (restart_rows, 7), (held_rows, 11)):
+                rows_.append([label, run.get("status", "–")] + ["–"] * (columns - 2))
+            if "error" in run:
+                failures.append(f"- {label}: {run['error']}")
+            continue
+        chunks = run["attach_chunk_us"]
+        state_rows.append([
+            label, f"{run['sessions']:,} / {run['locks']:,}",
+            f"{run['attach_s']:,.1f} s ({chunks[0]:,.0f} → {chunks[-1]:,.0f} µs each)", f"{run['cpu_ms_to_attach'] / 1000:,.1f} s",
+            f"{run['rss_delta_kib'] / 1024:.1f} MiB ({run['rss_bytes_per_session']:,.0f} B each)", f"+{run['fds_delta']:,}",
+            f"{run['state_bytes'] / 2**20:.1f} MiB ({run['state_bytes_per_session']:,.0f} B each)",
+            f"{run['idle_cpu_percent']:.1f}%",
+        ])
+        restart_rows.append([
+            label, f"{run['restart_s'] * 1000:,.0f} ms", f"{run['restart_sessions']:,} / {run['restart_locks']:,}",
+            f"{fmt_x(run['restart_vs_empty_start'])} ({run['empty_start_s'] * 1000:,.0f} ms)",
+            f"{run['restart_rss_delta_kib'] / 1024:.1f} MiB",
+            f"{run['stopped_restart_s'] * 1000:,.0f} ms", f"{run['stopped_restart_sessions_in_memory']:,}",
+        ])
+        h, k = run["held"], run["kill_all"]
+        held_n = str(h["n"]) + (f" ({h['missed']} missed)" if h["missed"] else "")
+        held_rows.append([
+            label, held_n, fmt_us(h["memory"]["p50_us"]), fmt_us(h["memory"]["p99_us"]),
+            fmt_us(h["committed"]["p50_us"]), fmt_us(h["committed"]["p99_us"]), fmt_x(h.get("committed_p50_vs_alone")),
+            f"{k['to_last_release_s'] * 1000:,.0f} ms ({k['locks_released']:,})",
+            f"{k['to_first_committed_s'] * 1000:,.0f} ms", f"{k['to_last_committed_s'] * 1000:,.0f} ms ({k['committed']:,})",
+            str(k["overruns"]),
+        ])
+    state = md_table(["source", "sessions / locks", "attach all (first 1k → last 1k)", "CPU to attach", "RSS delta",
+                      "open fds", "state file", "idle CPU"], state_rows)
+    restart = md_table(["source", "restart: start() → return", "sessions / locks loaded", "vs start on an empty state",
+                        "RSS added by start()", "once all stopped: start()", "sessions it loads"], restart_rows)
+    held = md_table(["source", "n", "lock gone in memory p50", "p99", "`LockReleased` committed p50", "p99",
+                     "committed p50 vs none held", "kill all → last lock gone in memory",
+                     "→ first `LockReleased` committed", "→ last committed", "overruns"], held_rows)
+    text = (f"A session per target (not the engine's child) with an auto lock on a directory of its own; the "
+            f"target stamps CLOCK_MONOTONIC and exits. Lock gone in memory: the engine's "
+            f"`locks.release_owner` has returned it; committed: the transition listener, which runs after the "
+            f"SQLite commit (WAL, synchronous=FULL). Baseline, one bare SQLite commit on the same disk: "
+            f"p50 {fmt_us(floor['p50_us'])}, p99 {fmt_us(floor['p99_us'])}.\n\n{exits}\n\n"
+            f"Where the time goes (medians of per-exit differences):\n\n{parts}\n\n"
+            f"{n:,} idle processes attached one by one as sessions with a lock each: the engine process's RSS, "
+            f"fds and CPU, its state file once closed, its CPU while idle:\n\n{state}\n\n"
+            f"Restart: a new engine process on that state file with all {n:,} processes alive (start() to "
+            f"return, against the first engine's start on an empty file); and once more after all of them "
+            f"stopped (the kill below):\n\n{restart}\n\n"
+            f"The restarted engine with all {n:,} held: exit → lock released for targets as above, then all "
+            f"{n:,} SIGKILLed at once:\n\n{held}")
+    if failures:
+        text += "\n\nFailures:\n\n" + "\n".join(failures)
+    return text
+
+
 # ======================================================================================
 # Report and entry point
 # ======================================================================================
 
-RUNNERS = {"latency": bench_latency, "storm": bench_storm, "scale": bench_scale}
-TABLES = {"latency": latency_tables, "storm": storm_tables, "scale": scale_table}
+RUNNERS = {"latency": bench_latency, "storm": bench_storm, "scale": bench_scale, "engine": bench_engine}
+TABLES = {"latency": latency_tables, "storm": storm_tables, "scale": scale_table, "engine": engine_tables}
 TITLES = {"latency": "Exit latency (non-child process, exit → `Exited` in the consumer)",
-          "storm": "Fork storm", "scale": "Scale"}
+          "storm": "Fork storm", "scale": "Scale", "engine": "Engine (exit → lock released and committed; sessions at scale)"}
 
 
 def native_status() -> tuple[bool, str | None]:
@@ -1188,9 +1697,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of: " + ", ".join(BENCHES))
     parser.add_argument("--out", default="bench-results/latest.json", help="JSON results (the .md snippet goes next to it)")
     parser.add_argument("--seed", type=int, default=None, help="for the random exit phases and sleep times")
-    parser.add_argument("--role", choices=("latency", "storm", "scale"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("latency", "storm", "scale", "engine"), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
+    parser.add_argument("--state", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.role:
         args.only = [b.strip() for b in args.only.split(",") if b.strip()]
@@ -1243,7 +1753,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role:
-        return run_role(args.role, args.method, args.dump)
+        return run_role(args.role, args.method, args.dump, args.state)
     become_subreaper()
     # SIGTERM must unwind through the finally below like Ctrl-C does, so that
     # every helper (and every helper's children) is reaped.

@@ -163,3 +163,7 @@ def test_engine_scale_numbers_are_sane(quick_engine: dict[str, Any]) -> None:
         kill = run["kill_all"]
         assert kill["locks_released"] == kill["committed"] == kill["stopped"] == n, key
         assert 0 < kill["to_first_release_s"] <= kill["to_last_release_s"] <= kill["to_last_committed_s"], key
+        assert kill["to_first_release_s"] < kill["to_first_committed_s"] <= kill["to_last_committed_s"], key
+        # Restarted once more after they all stopped: nothing left running or locked.
+        assert run["stopped_restart_sessions"] == run["stopped_restart_locks"] == 0, key
+        assert run["stopped_restart_sessions_in_memory"] >= n, key
