@@ -286,3 +286,22 @@ def test_outside_the_initial_pid_namespace_the_ignored_subscription_is_caught() 
 
 def test_pidfd_probe_works_here() -> None:
     assert pidfd_probe() is None
+
+
+def test_exit_only_subscriptions_are_confirmed_every_time() -> None:
+    """The probe child may exit before its PID is known. With exit-only types its exit is
+    the only event that can confirm, so no tgid filter may stand in its way meanwhile
+    (before the fix, about 1 start in 60 reported netlink unavailable)."""
+    _netlink_or_skip(types=("exit",))
+
+    async def starts() -> int:
+        failures = 0
+        for _ in range(300):
+            try:
+                async with NetlinkSource(types=("exit",), confirm_timeout_s=1.0):
+                    pass
+            except SourceUnavailable:
+                failures += 1
+        return failures
+
+    assert arun(starts(), timeout=120) == 0

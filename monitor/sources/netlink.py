@@ -189,7 +189,7 @@ class NetlinkSource(EventSource):
         self._filter_mode = "mask"
         self._program: bytes | None = None
         self._filter_refresh_pending = False
-        self._extra_tgids: set[int] = set()  # our own PID and the probe's, while confirming
+        self._confirming = False  # no tgid filter then: the probe may exit before we learn its PID
         self._sock: socket.socket | None = None
         self._reader: Reader | None = None
         self._check_gaps = False
@@ -281,13 +281,15 @@ class NetlinkSource(EventSource):
         assert self._loop is not None and self._reader is not None
         self._confirm = self._loop.create_future()
         own = os.getpid()
-        self._pass_tgid(own)  # so the filters let the probe's fork through
+        self._confirming = True
+        self._update_kernel_filter()
+        self._reader.watch_tgid(own)  # the native filter runs at drain time: naming them is enough
         try:
             probe = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, close_fds=True)
         except OSError as err:
             raise SourceUnavailable(self.name, f"cannot spawn the subscription probe: {err}") from err
         self._probe_pids.add(probe.pid)
-        self._pass_tgid(probe.pid)
+        self._reader.watch_tgid(probe.pid)
         try:
             await asyncio.wait_for(asyncio.shield(self._confirm), self.confirm_timeout_s)
         except TimeoutError as err:
@@ -298,7 +300,7 @@ class NetlinkSource(EventSource):
             ) from err
         finally:
             probe.wait()
-            self._extra_tgids.clear()
+            self._confirming = False
             for tgid in (own, probe.pid):
                 if tgid not in self._watches:
                     self._reader.unwatch_tgid(tgid)
@@ -331,12 +333,6 @@ class NetlinkSource(EventSource):
         started spares a /proc read per exit (see _passing_exit)."""
         return self.event_mask | PROC_EVENT_EXIT | (PROC_EVENT_FORK if self.all_events else 0)
 
-    def _pass_tgid(self, tgid: int) -> None:
-        assert self._reader is not None
-        self._extra_tgids.add(tgid)
-        self._reader.watch_tgid(tgid)
-        self._update_kernel_filter()
-
     def _update_kernel_filter(self) -> None:
         """Keep the socket's BPF filter in step with the watches (cnproc.bpf_program).
 
@@ -349,8 +345,8 @@ class NetlinkSource(EventSource):
         tgids: list[int] | None = None
         # Not with "none": there the per-CPU seq numbers detect loss, and a filter makes gaps.
         if (not self.all_events and self._filter_mode != "none"
-                and len(self._watches) + len(self._extra_tgids) <= self.max_filtered_tgids):
-            tgids = [*self._watches, *self._extra_tgids]
+                and not self._confirming and len(self._watches) <= self.max_filtered_tgids):
+            tgids = list(self._watches)
         program = None
         if type_mask is not None or tgids is not None:
             trees = any(w.descendants for w in self._watches.values())
