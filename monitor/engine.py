@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_RELIST_INTERVAL_S = 30.0
+DEFAULT_RETAIN_STOPPED_S = 24 * 3600.0
 FUSE_ACTION_TIMEOUT_S = 120.0
 
 
@@ -98,6 +99,7 @@ class Engine:
         alive: Callable[[ProcessKey], bool] | None = None,
         relist_interval_s: float = DEFAULT_RELIST_INTERVAL_S,
         child_grace_s: float = 5.0,
+        retain_stopped_s: float = DEFAULT_RETAIN_STOPPED_S,
         timers: bool = True,
     ) -> None:
         self.state_path = Path(state_path)
@@ -107,6 +109,8 @@ class Engine:
         self.clock: Clock = clock or SystemClock()
         self._alive = alive or ProcessKey.is_alive
         self.relist_interval_s = relist_interval_s
+        # Stopped sessions stay in memory (and are loaded at start) this long; the store keeps all.
+        self.retain_stopped_s = retain_stopped_s
         self.tracker = Tracker(child_grace_s=child_grace_s)
         self.locks = LockTable()
         self.boot_id = boot_id()
@@ -153,7 +157,7 @@ class Engine:
             await self._exit_files.start()
             self._exit_files.set_listener(self._receive)
         self._store = await self._run(Store, self.state_path)
-        sessions, locks, fuses = await self._run(self._store.load)
+        sessions, locks, fuses = await self._run(self._store.load, self.clock.wall() - self.retain_stopped_s)
         await self._reconcile(sessions, locks, fuses)
         buffered, self._buffer = self._buffer or [], None
         for event in buffered:
@@ -276,7 +280,7 @@ class Engine:
         wall = self.clock.wall()
         for sid in step.changed_sessions:
             session = self.tracker.sessions[sid]
-            batch.sessions[sid] = (session.state, _json(session.to_dict()))
+            batch.sessions[sid] = (session.state, session.stopped_at, _json(session.to_dict()))
         for transition in step.transitions:
             if isinstance(transition, (LockAcquired, LockReleased)):
                 lock = self.locks.locks.get(transition.directory)
@@ -300,23 +304,33 @@ class Engine:
         return done
 
     async def _commit_loop(self) -> None:
+        """One writer. What queued up while it committed goes in the next transaction
+        together (group commit): a burst of exits costs a few fsyncs, not one each."""
         assert self._commits is not None and self._store is not None
         while True:
-            item = await self._commits.get()
-            if item is None:
-                return  # closing: everything before this was written
-            batch, step, done = item
+            items = [await self._commits.get()]
+            while not self._commits.empty() and len(items) < 1000 and items[-1] is not None:
+                items.append(self._commits.get_nowait())
+            closing = items[-1] is None
+            work = [item for item in items if item is not None]
+            merged = Batch()
+            for batch, _step, _done in work:
+                merged.merge(batch)
             try:
-                if batch:
-                    await self._run(self._store.commit, batch)
+                if merged:
+                    await self._run(self._store.commit, merged)
             except Exception as err:
                 log.error("could not commit state: %s", err)
-                if done is not None and not done.done():
-                    done.set_exception(err)
-                continue
-            if done is not None and not done.done():
-                done.set_result(None)
-            self._act(step)
+                for _batch, _step, done in work:
+                    if done is not None and not done.done():
+                        done.set_exception(err)
+            else:
+                for _batch, step, done in work:
+                    if done is not None and not done.done():
+                        done.set_result(None)
+                    self._act(step)
+            if closing:
+                return  # everything queued before the close was written
 
     def _act(self, step: Step) -> None:
         """After the commit: signals, fuse actions, and the transition listeners."""
@@ -396,6 +410,7 @@ class Engine:
     def tick(self) -> None:
         """Apply everything due now: timeouts, KILLs after a grace, child graces, fuses."""
         now, wall = self.clock.monotonic(), self.clock.wall()
+        self.tracker.forget_stopped(before=wall - self.retain_stopped_s)
         step = self.tracker.tick(now, wall, self._alive)
         for fired in self.fuses.tick(now):
             step.transitions.append(fired)

@@ -9,6 +9,7 @@ An auto lock is released by its owner's `Exited` itself, never by a sweep.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,17 +73,38 @@ def overlaps(a: str, b: str) -> bool:
 
 
 class LockTable:
+    """Locks by directory, with the indexes that keep every operation cheap at 10,000 locks:
+    conflicts are the directory's ancestors (dictionary lookups) and its descendants (a
+    range of a sorted list), and an owner's locks are found through an owner index."""
+
     def __init__(self) -> None:
         self.locks: dict[str, Lock] = {}
+        self._sorted: list[str] = []
+        self._by_owner: dict[ProcessKey, set[str]] = {}
 
     def load(self, lock: Lock) -> None:
-        self.locks[lock.directory] = lock
+        self._put(lock)
 
     def conflicts(self, directory: str) -> list[Lock]:
-        return [lock for lock in self.locks.values() if overlaps(lock.directory, directory)]
+        found = []
+        path = directory
+        while True:  # the directory itself and every directory above it
+            if path in self.locks:
+                found.append(self.locks[path])
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        prefix = directory.rstrip(os.sep) + os.sep
+        for d in self._sorted[bisect.bisect_left(self._sorted, prefix):]:  # every directory below it
+            if not d.startswith(prefix):
+                break
+            if d != directory:
+                found.append(self.locks[d])
+        return found
 
     def owned_by(self, key: ProcessKey) -> list[Lock]:
-        return [lock for lock in self.locks.values() if lock.owner == key]
+        return [self.locks[d] for d in self._by_owner.get(key, ())]
 
     def acquire(self, lock: Lock, alive: Callable[[ProcessKey], bool]) -> list[Transition]:
         """Take `lock` or raise LockHeld; locks of dead owners in the way are taken over."""
@@ -95,22 +117,39 @@ class LockTable:
                 raise LockHeld(lock.directory, held)
             dead.append(held)
         for held in dead:
-            del self.locks[held.directory]
+            self._drop(held.directory)
             transitions.append(LockReleased(held.directory, held.kind, held.owner, "taken_over", "relist"))
-        self.locks[lock.directory] = lock
+        self._put(lock)
         took_over = ", ".join(h.holder() for h in dead) or None
         transitions.append(LockAcquired(lock.directory, lock.kind, lock.owner, lock.session_id, took_over))
         return transitions
 
     def release(self, directory: str) -> list[Transition]:
-        lock = self.locks.pop(directory, None)
+        lock = self._drop(directory)
         if lock is None:
             raise NotLocked(directory)
         return [LockReleased(lock.directory, lock.kind, lock.owner, "unlocked", None)]
 
     def release_owner(self, key: ProcessKey, evidence: str) -> list[Transition]:
         """Every lock `key` owns, released on the evidence of its exit."""
-        released = self.owned_by(key)
-        for lock in released:
-            del self.locks[lock.directory]
-        return [LockReleased(lock.directory, lock.kind, lock.owner, "owner_exited", evidence) for lock in released]
+        released = [self._drop(d) for d in list(self._by_owner.get(key, ()))]
+        return [LockReleased(lock.directory, lock.kind, lock.owner, "owner_exited", evidence) for lock in released if lock]
+
+    def _put(self, lock: Lock) -> None:
+        if lock.directory not in self.locks:
+            bisect.insort(self._sorted, lock.directory)
+        self.locks[lock.directory] = lock
+        if lock.owner is not None:
+            self._by_owner.setdefault(lock.owner, set()).add(lock.directory)
+
+    def _drop(self, directory: str) -> Lock | None:
+        lock = self.locks.pop(directory, None)
+        if lock is None:
+            return None
+        del self._sorted[bisect.bisect_left(self._sorted, directory)]
+        if lock.owner is not None:
+            owned = self._by_owner[lock.owner]
+            owned.discard(directory)
+            if not owned:
+                del self._by_owner[lock.owner]
+        return lock

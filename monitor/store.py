@@ -38,6 +38,12 @@ MIGRATIONS = [
     );
     CREATE UNIQUE INDEX outbox_one_stop_per_session ON outbox(subject) WHERE type = 'session.stopped';
     """,
+    # 2: when a session stopped, as a column, so a start loads only recent history
+    """
+    ALTER TABLE sessions ADD COLUMN stopped_at REAL;
+    UPDATE sessions SET stopped_at = json_extract(data, '$.stopped_at');
+    CREATE INDEX sessions_by_stop ON sessions(stopped_at);
+    """,
 ]
 
 
@@ -45,13 +51,20 @@ MIGRATIONS = [
 class Batch:
     """One transaction's worth of rows, serialized on the event loop's thread."""
 
-    sessions: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (state, json)
+    sessions: dict[str, tuple[str, float | None, str]] = field(default_factory=dict)  # id -> (state, stopped_at, json)
     locks: dict[str, str | None] = field(default_factory=dict)  # directory -> json, None: delete
     fuses: dict[str, str | None] = field(default_factory=dict)
     outbox: list[tuple[str, str, str, str, float]] = field(default_factory=list)  # id, type, subject, payload, at
 
     def __bool__(self) -> bool:
         return bool(self.sessions or self.locks or self.fuses or self.outbox)
+
+    def merge(self, later: Batch) -> None:
+        """Take in a later batch: its rows win, its outbox rows follow ours."""
+        self.sessions.update(later.sessions)
+        self.locks.update(later.locks)
+        self.fuses.update(later.fuses)
+        self.outbox += later.outbox
 
     def add_transition(self, payload: dict[str, Any], subject: str, at: float) -> str:
         row_id = uuid.uuid4().hex
@@ -66,10 +79,14 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self.migrate()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self.migrate()
+        except BaseException:
+            self._db.close()
+            raise
 
     def migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -90,8 +107,10 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def load(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-        sessions = [json.loads(d) for (d,) in self._db.execute("SELECT data FROM sessions")]
+    def load(self, stopped_since: float = 0.0) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """Running sessions and those stopped since `stopped_since` (wall), every lock and fuse."""
+        sessions = [json.loads(d) for (d,) in self._db.execute(
+            "SELECT data FROM sessions WHERE state = 'running' OR stopped_at >= ?", (stopped_since,))]
         locks = [json.loads(d) for (d,) in self._db.execute("SELECT data FROM locks")]
         fuses = [json.loads(d) for (d,) in self._db.execute("SELECT data FROM fuses")]
         return sessions, locks, fuses
@@ -100,9 +119,10 @@ class Store:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO sessions(id, state, data) VALUES (?, ?, ?) "
-                           "ON CONFLICT(id) DO UPDATE SET state = excluded.state, data = excluded.data",
-                           [(sid, state, data) for sid, (state, data) in batch.sessions.items()])
+            db.executemany("INSERT INTO sessions(id, state, stopped_at, data) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT(id) DO UPDATE SET state = excluded.state, stopped_at = excluded.stopped_at, "
+                           "data = excluded.data",
+                           [(sid, state, stopped_at, data) for sid, (state, stopped_at, data) in batch.sessions.items()])
             for table, rows in (("locks", batch.locks), ("fuses", batch.fuses)):
                 db.executemany(f"DELETE FROM {table} WHERE directory = ?", [(d,) for d, v in rows.items() if v is None])
                 db.executemany(f"INSERT INTO {table}(directory, data) VALUES (?, ?) "

@@ -148,6 +148,8 @@ class Tracker:
         self.child_grace_s = child_grace_s
         self.sessions: dict[str, Session] = {}
         self._by_key: dict[ProcessKey, str] = {}  # root and descendants of running sessions
+        self._running: dict[str, Session] = {}
+        self._running_by_dir: dict[str, set[str]] = {}
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -161,10 +163,10 @@ class Tracker:
         return matches[0]
 
     def running(self) -> list[Session]:
-        return [s for s in self.sessions.values() if s.state == "running"]
+        return list(self._running.values())
 
     def running_in(self, directory: str) -> list[Session]:
-        return [s for s in self.running() if s.cwd == directory]
+        return [self.sessions[sid] for sid in self._running_by_dir.get(directory, ())]
 
     def blocking_children(self, session_id: str) -> list[Child]:
         """The children the parent should still wait for: running and observable.
@@ -181,12 +183,21 @@ class Tracker:
         sid = self._by_key.get(key)
         return self.sessions.get(sid) if sid else None
 
+    def forget_stopped(self, before: float) -> int:
+        """Drop from memory the sessions that stopped before `before` (wall); the store keeps them."""
+        old = [sid for sid, s in self.sessions.items() if s.state == "stopped" and (s.stopped_at or 0.0) < before]
+        for sid in old:
+            del self.sessions[sid]
+        return len(old)
+
     # -- inputs -----------------------------------------------------------------------------
 
     def load(self, session: Session) -> None:
         """A session from the store, as it was: no transition (it happened before)."""
         self.sessions[session.id] = session
         if session.state == "running":
+            self._running[session.id] = session
+            self._running_by_dir.setdefault(session.cwd, set()).add(session.id)
             self._by_key[session.key] = session.id
             for child in session.children.values():
                 if child.state == "running":
@@ -307,6 +318,11 @@ class Tracker:
         if reason is None:
             reason = "timeout" if session.timed_out_at is not None else "killed" if session.stop_requested else "exited"
         session.state = "stopped"
+        del self._running[session.id]
+        in_dir = self._running_by_dir[session.cwd]
+        in_dir.discard(session.id)
+        if not in_dir:
+            del self._running_by_dir[session.cwd]
         session.reason = reason
         session.exit_code = session.root_exit["exit_code"]
         session.signal = session.root_exit["signal"]

@@ -311,3 +311,28 @@ def test_attach_refuses_the_dead_and_ids_match_by_prefix(tmp_path: Path) -> None
         assert [type(t) for t in r.transitions[:2]] == [LockAcquired, SessionStarted]
 
     run(tmp_path, scenario)
+
+
+def test_stopped_sessions_are_forgotten_after_their_retention_but_kept_in_the_store(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ids: list[str] = []
+
+    async def first(r: Rig) -> None:
+        key, sid = await r.session()
+        ids.append(sid)
+        r.source.exit(key, exit_code=0)
+        await r.engine.flush()
+        r.clock.advance(2 * 24 * 3600.0)
+        r.engine.tick()
+        with pytest.raises(UnknownSession):
+            r.engine.session(sid)
+
+    run(tmp_path, first, clock=clock)
+
+    async def second(r: Rig) -> None:
+        assert r.engine.sessions(include_stopped=True) == []  # not loaded: older than a day
+        assert r.engine._store is not None
+        rows = await r.engine._run(r.engine._store.outbox)
+        assert [row["subject"] for row in rows if row["type"] == "session.stopped"] == ids
+
+    run(tmp_path, second, clock=clock)
