@@ -210,3 +210,71 @@ def test_kill_9_in_the_middle_of_transitions_loses_and_duplicates_nothing(tmp_pa
     assert all(s["state"] == "stopped" for s in sessions)
     assert stops == {s["id"]: 1 for s in sessions}  # each stop exactly once: none lost, none twice
     assert {s["reason"] for s in sessions} <= {"exited", "lost"}
+
+
+def _wrapped(procs: Procs, exit_dir: Path, session: str, script: str, cwd: Path) -> Path:
+    """A command under the launch wrapper, gated on stdin; returns its start file."""
+    procs.spawn(PYTHON, "-m", "monitor.wrapper", "--exit-dir", str(exit_dir), "--id", session, "--", "sh", "-c", script,
+                cwd=cwd, stdin=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return exit_dir / f"{session}.start"
+
+
+async def _started(path: Path) -> dict[str, object]:
+    for _ in range(500):
+        if path.exists():
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        await asyncio.sleep(0.01)
+    raise AssertionError("the wrapper never started")
+
+
+def test_the_exit_file_prong_and_restart_read_the_wrappers_status(procs: Procs, tmp_path: Path) -> None:
+    """With a source that cannot tell quickly (polling once a minute), the wrapper's exit file
+    stops the session with the real status; and a session that ended while the engine was
+    down is stopped at restart with the status from its exit file."""
+    from monitor.identity import ProcessKey
+
+    exit_dir, work = tmp_path / "exits", tmp_path / "work"
+    exit_dir.mkdir()
+    work.mkdir()
+    slow = {"source": "poll", "source_options": {"interval_s": 60.0}, "exit_dir": exit_dir}
+
+    async def live() -> tuple[str, str]:
+        async with Engine(tmp_path / "state.db", **slow) as engine:  # type: ignore[arg-type]
+            start = await _started(_wrapped(procs, exit_dir, "s1", "sleep 0.3; exit 5", work))
+            key = ProcessKey.from_dict(start["key"])  # type: ignore[arg-type]
+            session = await engine.register(key, cwd=str(work), exit_file=str(exit_dir / "s1.exit"))
+            while session.state == "running":
+                await asyncio.sleep(0.02)
+            assert (session.reason, session.exit_code, session.evidence) == ("exited", 5, "exit_file")
+            start2 = await _started(_wrapped(procs, exit_dir, "s2", "sleep 0.5; exit 6", work))
+            key2 = ProcessKey.from_dict(start2["key"])  # type: ignore[arg-type]
+            second = await engine.register(key2, cwd=str(work), exit_file=str(exit_dir / "s2.exit"))
+            return session.id, second.id
+
+    _first, second = arun(live())
+    for _ in range(200):  # the engine is down while the second command ends
+        if (exit_dir / "s2.exit").exists():
+            break
+        time.sleep(0.01)
+
+    async def restart() -> tuple[str | None, int | None, str | None]:
+        async with Engine(tmp_path / "state.db", **slow) as engine:  # type: ignore[arg-type]
+            s = engine.session(second)
+            return s.reason, s.exit_code, s.evidence
+
+    assert arun(restart()) == ("exited", 6, "exit_file")
+
+
+def test_who_uses_finds_processes_nobody_registered(procs: Procs, tmp_path: Path) -> None:
+    inside, beside = tmp_path / "repo" / "src", tmp_path / "repo-other"
+    inside.mkdir(parents=True)
+    beside.mkdir()
+    user = procs.spawn("sleep", "60", cwd=inside)
+    other = procs.spawn("sleep", "60", cwd=beside)
+
+    async def scenario() -> list[int]:
+        async with Engine(tmp_path / "state.db") as engine:
+            return [p["pid"] for p in await engine.who_uses(str(tmp_path / "repo"))]
+
+    pids = arun(scenario())
+    assert user.pid in pids and other.pid not in pids
