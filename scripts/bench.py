@@ -544,6 +544,24 @@ class StdinLines:
                 say(f"ERR {type(err).__name__}: {err}")
 
 
+def report_exits_by_callback(source: Any, method: str) -> None:
+    """For the `_cb` methods: the consumer runs inside the source's own reader callback
+    (set_listener), and says "E pid t_consumer_ns kernel_ts_ns observed_ns" or "O"."""
+    from monitor.events import Exited, Overrun
+
+    if not method.endswith("_cb"):
+        return
+
+    def on_event(event: Any) -> None:
+        t = time.monotonic_ns()
+        if isinstance(event, Exited):
+            say(f"E {event.key.pid} {t} {event.kernel_ts_ns or 0} {event.observed_ns or 0}")
+        elif isinstance(event, Overrun):
+            say("O")
+
+    source.set_listener(on_event)
+
+
 async def latency_role(method: str) -> None:
     """Watch each PID the harness names; stamp each `Exited` as the consumer gets it.
 
@@ -561,16 +579,7 @@ async def latency_role(method: str) -> None:
 
         loop = asyncio.get_running_loop()
         StdinLines(on_line, lambda: loop.create_task(source.close()))
-        if method.endswith("_cb"):
-            # The listener callback: the consumer runs inside the source's own reader callback.
-            def on_event(event: Any) -> None:
-                t = time.monotonic_ns()
-                if isinstance(event, Exited):
-                    say(f"E {event.key.pid} {t} {event.kernel_ts_ns or 0} {event.observed_ns or 0}")
-                elif isinstance(event, Overrun):
-                    say("O")
-
-            source.set_listener(on_event)
+        report_exits_by_callback(source, method)
         say("READY")
         async for event in source:
             t = time.monotonic_ns()  # the measurement: right after `async for` yields
@@ -679,16 +688,7 @@ async def scale_role(method: str) -> None:
 
         loop = asyncio.get_running_loop()
         StdinLines(on_line, lambda: loop.create_task(source.close()))
-        if method.endswith("_cb"):
-            # The listener callback: the consumer runs inside the source's own reader callback.
-            def on_event(event: Any) -> None:
-                t = time.monotonic_ns()
-                if isinstance(event, Exited):
-                    say(f"E {event.key.pid} {t} {event.kernel_ts_ns or 0} {event.observed_ns or 0}")
-                elif isinstance(event, Overrun):
-                    say("O")
-
-            source.set_listener(on_event)
+        report_exits_by_callback(source, method)
         say("READY")
         async for event in source:
             if isinstance(event, Exited):
