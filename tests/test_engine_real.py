@@ -278,3 +278,34 @@ def test_who_uses_finds_processes_nobody_registered(procs: Procs, tmp_path: Path
 
     pids = arun(scenario())
     assert user.pid in pids and other.pid not in pids
+
+
+def test_a_master_timeout_signals_the_process_group_and_the_death_stops_it(procs: Procs, tmp_path: Path) -> None:
+    """kill_on_timeout: TERM to the whole group (the leader's child dies too), and the session
+    stops only with the death, reason timeout."""
+    work = tmp_path / "w"
+    work.mkdir()
+    _subreaper(True)  # the leader's child is orphaned when the group dies: we reap it
+    try:
+        async def scenario() -> tuple[str | None, int | None, list[str], int]:
+            seen: list[str] = []
+            async with Engine(tmp_path / "state.db") as engine:
+                engine.add_listener(lambda t: seen.append(t.type))
+                leader = procs.spawn("sh", "-c", "sleep 60 & echo $!; wait", cwd=work, start_new_session=True,
+                                     stdout=subprocess.PIPE)
+                assert leader.stdout is not None
+                member = int(leader.stdout.readline())
+                session = await engine.attach(leader.pid, timeout_s=0.3, kill_on_timeout=True)
+                while session.state == "running":
+                    await asyncio.sleep(0.02)
+                await engine.flush()
+                return session.reason, session.signal, seen, member
+
+        reason, signum, seen, member = arun(scenario())
+        _, status = os.waitpid(member, 0)  # the group member, orphaned to us
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    finally:
+        _reap_all()
+        _subreaper(False)
+    assert (reason, signum) == ("timeout", signal.SIGTERM)
+    assert seen.index("session.timeout") < seen.index("session.stopped")
