@@ -11,12 +11,15 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from monitor import __version__
+from monitor.client import DaemonUnreachable
 from monitor.errors import MonitorError, NoSuchProcess, SourceUnavailable
 from monitor.events import Event, Execed, Exited, Forked, Overrun
 from monitor.identity import ProcessKey
+from monitor.protocol import ProtocolError
 from monitor.sources import SOURCE_NAMES, open_source
 from monitor.waiting import wait_on
 
@@ -222,6 +225,160 @@ def _print_doctor(report: dict[str, Any]) -> None:
     print(f"selected: {report['selected'] or 'none: no source works here'}")
 
 
+# -- the daemon and its clients ------------------------------------------------------------
+
+EXIT_UNREACHABLE = 3  # no daemon answered
+EXIT_CODES = {"not_found": 4, "lock_held": 5, "conflict": 5, "forbidden": 6}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '5m', '2h', '1d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30s, 5m, 2h)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive: {text!r}")
+    return value
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"a label is KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _ago(wall: float | None) -> str:
+    if not wall:
+        return "-"
+    seconds = max(0, int(time.time() - wall))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    """Aligned columns for people."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)] if rows else [len(h) for h in headers]
+    lines = [headers, *rows]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in lines)
+
+
+def _outcome_of(session: dict[str, Any]) -> str:
+    if session["state"] == "running":
+        return "running" + (" (timed out)" if session.get("timed_out") else "")
+    if session["signal"] is not None:
+        how = f"signal {session['signal']}"
+    elif session["exit_code"] is not None:
+        how = f"code {session['exit_code']}"
+    else:
+        how = "status unknown"
+    return f"{session['reason']}, {how} ({session['evidence']})"
+
+
+def _print_sessions(sessions: list[dict[str, Any]]) -> None:
+    rows = [[s["id"], str(s["pid"]), _outcome_of(s), _ago(s["started_at"]), s["cwd"], " ".join(s["argv"])[:40]]
+            for s in sessions]
+    print(table(rows, ["ID", "PID", "STATE", "STARTED", "CWD", "COMMAND"]))
+
+
+def _print_session(s: dict[str, Any]) -> None:
+    fields = [("id", s["id"]), ("pid", s["pid"]), ("state", _outcome_of(s)), ("cwd", s["cwd"]),
+              ("command", " ".join(s["argv"])), ("labels", ", ".join(f"{k}={v}" for k, v in s["labels"].items()) or "-"),
+              ("started", _ago(s["started_at"])), ("stopped", _ago(s["stopped_at"])),
+              ("duration", f"{s['duration_s']:.1f}s" if s["duration_s"] is not None else "-"),
+              ("timeout", f"{s['timeout_s']:g}s" if s["timeout_s"] else "none"),
+              ("children", f"{sum(c['state'] == 'running' for c in s['children'])} running of {len(s['children'])}")]
+    for name, value in fields:
+        print(f"{name + ':':<10} {value}")
+
+
+def _print_locks(locks: list[dict[str, Any]]) -> None:
+    rows = [[lk["directory"], lk["kind"], str(lk["pid"] or "-"), lk["session_id"] or "-",
+             (lk["by"] or "-") + (f": {lk['reason']}" if lk["reason"] else ""), _ago(lk["locked_at"])] for lk in locks]
+    print(table(rows, ["DIRECTORY", "KIND", "PID", "SESSION", "HELD BY", "SINCE"]))
+
+
+def _print_fuses(fuses: list[dict[str, Any]]) -> None:
+    rows = []
+    for f in fuses:
+        left = "-"
+        if f["state"] == "armed" and f["deadline_wall"]:
+            left = f"fires in {max(0, int(f['deadline_wall'] - time.time()))}s"
+        rows.append([f["directory"], f["state"], f"{f['ttl_s']:g}s", left, f["action"] or "-"])
+    print(table(rows, ["DIRECTORY", "STATE", "TTL", "WHEN", "ACTION"]))
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from monitor.client import Client
+
+    with Client(args.socket) as client:
+        value = _call(client, args)
+    if args.json:
+        print(json.dumps(value, indent=2))
+        return 0
+    show: dict[str, Callable[[Any], None]] = {
+        "list": _print_sessions, "status": _print_session, "attach": _print_session, "stop": _print_session,
+        "locks": _print_locks, "fuse_list": _print_fuses}
+    key = "fuse_list" if args.command == "fuse" and args.fuse_command == "list" else args.command
+    if key in show:
+        show[key](value)
+    elif args.command == "who":
+        print(table([[str(p["pid"]), p["cwd"], " ".join(p["argv"])[:60]] for p in value], ["PID", "CWD", "COMMAND"]))
+    elif args.command == "daemon":
+        print(f"monitor daemon {value['version']} (PID {value['pid']}), up {value['uptime_s']:.0f}s, source {value['source']}")
+        print(f"sessions running {value['sessions_running']}, locks {value['locks']}, fuses {value['fuses']}; "
+              f"state {value['state_db']}")
+    else:
+        print(json.dumps(value) if not isinstance(value, dict) else
+              " ".join(f"{k}={v}" for k, v in value.items() if v is not None))
+    return 0
+
+
+def _call(client: Any, args: argparse.Namespace) -> Any:
+    c = args.command
+    if c == "attach":
+        return client.call("session.attach", pid=args.pid, cwd=args.cwd, labels=dict(args.label or []), policy=args.policy,
+                           timeout_s=args.timeout, kill_on_timeout=args.kill_on_timeout, lock=not args.no_lock, force=args.force)
+    if c == "list":
+        return client.call("session.list", all=args.all)
+    if c == "status":
+        return client.call("session.get", id=args.id)
+    if c == "stop":
+        return client.call("session.stop", id=args.id, signal=args.signal, grace_s=args.grace)
+    if c == "lock":
+        return client.call("lock.acquire", directory=os.path.abspath(args.directory), by=args.by, reason=args.reason)
+    if c == "unlock":
+        return client.call("lock.release", directory=os.path.abspath(args.directory))
+    if c == "locks":
+        return client.call("lock.list")
+    if c == "who":
+        return client.call("lock.who", directory=os.path.abspath(args.directory))
+    if c == "daemon":
+        return client.call("daemon.status")
+    directory = os.path.abspath(args.directory) if getattr(args, "directory", None) else None
+    sub = args.fuse_command
+    if sub == "set":
+        return client.call("fuse.set", directory=directory, ttl_s=args.ttl, action=args.on_expire)
+    if sub == "extend":
+        return client.call("fuse.extend", directory=directory, by_s=args.by)
+    if sub == "cancel":
+        return client.call("fuse.cancel", directory=directory)
+    return client.call("fuse.list")
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    from monitor.config import load_config
+    from monitor.daemon import serve
+
+    config = load_config(args.config, overrides={"socket": args.socket, "state_dir": args.state_dir, "source": args.source})
+    logging.getLogger().setLevel(config.log_level.upper() if not args.verbose else "INFO")
+    return asyncio.run(serve(config, args.config))
+
+
 # -- the parser ----------------------------------------------------------------------------
 
 
@@ -257,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor", description="Process lifecycle monitor driven by kernel events.")
     parser.add_argument("--version", action="version", version=f"monitor {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the sources do")
+    parser.add_argument("--socket", default=os.environ.get("MONITOR_SOCKET"), metavar="PATH",
+                        help="the daemon's socket (default $MONITOR_SOCKET, else the standard path)")
+    parser.add_argument("--state-dir", default=os.environ.get("MONITOR_STATE_DIR"), metavar="DIR",
+                        help="the daemon's state directory (default $MONITOR_STATE_DIR, else the standard path)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("wait", help="wait for processes to exit and report how they ended",
@@ -283,6 +444,69 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="which sources work here, and exactly why not")
     p.add_argument("--json", action="store_true")
     _add_source_args(p)
+
+    p = sub.add_parser("daemon", help="run the daemon in the foreground (or: daemon status)")
+    p.add_argument("action", nargs="?", choices=("run", "status"), default="run")
+    p.add_argument("--config", metavar="FILE", help="TOML config (default /etc/monitor/config.toml as root, "
+                   "else $XDG_CONFIG_HOME/monitor/config.toml)")
+    p.add_argument("--source", choices=("netlink", "pidfd", "poll"), help="force one event source")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what it does")
+
+    p = sub.add_parser("attach", help="follow a running process as a session (and lock its directory)")
+    p.add_argument("pid", type=_pid, metavar="PID")
+    p.add_argument("--cwd", help="the session's directory (default: the process's)")
+    p.add_argument("--label", type=_label, action="append", metavar="K=V")
+    p.add_argument("--tree", dest="policy", action="store_const", const="tree", default="root",
+                   help="the session ends when its whole process tree is gone, not its root")
+    p.add_argument("--timeout", type=parse_duration, metavar="DURATION", help="master timeout (e.g. 3h)")
+    p.add_argument("--kill-on-timeout", action="store_true", help="TERM (then KILL) its process group on timeout")
+    p.add_argument("--no-lock", action="store_true", help="do not lock its directory")
+    p.add_argument("--force", action="store_true", help="do not lock, even where another lock stands")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("list", help="sessions (running; --all: stopped too)")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("status", help="one session, by id or unique id prefix")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("stop", help="signal a session's process group, KILL after a grace; report the death")
+    p.add_argument("id")
+    p.add_argument("--signal", default="TERM")
+    p.add_argument("--grace", type=parse_duration, default=5.0, metavar="DURATION")
+    p.add_argument("--json", action="store_true")
+
+    for name, text in (("lock", "lock a directory by name"), ("unlock", "release a directory's lock"),
+                       ("who", "processes whose working directory is inside DIR")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("directory", metavar="DIR")
+        if name == "lock":
+            p.add_argument("--by", default=os.environ.get("USER"), help="who holds it (default $USER)")
+            p.add_argument("--reason")
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("locks", help="every lock")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("fuse", help="directory fuses: an action a TTL after the last session there stops")
+    fuse = p.add_subparsers(dest="fuse_command", required=True)
+    q = fuse.add_parser("set")
+    q.add_argument("directory", metavar="DIR")
+    q.add_argument("--ttl", type=parse_duration, required=True, metavar="DURATION")
+    q.add_argument("--on-expire", metavar="COMMAND", help="shell command run in DIR when it fires")
+    q.add_argument("--json", action="store_true")
+    q = fuse.add_parser("extend")
+    q.add_argument("directory", metavar="DIR")
+    q.add_argument("--by", type=parse_duration, required=True, metavar="DURATION")
+    q.add_argument("--json", action="store_true")
+    q = fuse.add_parser("cancel")
+    q.add_argument("directory", metavar="DIR")
+    q.add_argument("--json", action="store_true")
+    q = fuse.add_parser("list")
+    q.add_argument("--json", action="store_true")
     return parser
 
 
@@ -311,7 +535,19 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_wait(args))
         if args.command == "events":
             return _run_events(args)
-        return asyncio.run(_doctor(args))
+        if args.command == "doctor":
+            return asyncio.run(_doctor(args))
+        if args.command == "daemon" and args.action == "run":
+            return _run_daemon(args)
+        return _client_command(args)
+    except DaemonUnreachable as err:
+        print(f"monitor {args.command}: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ProtocolError as err:
+        print(f"monitor {args.command}: {err.message}" + (" [" + err.code + "]" if args.verbose else ""), file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": {"code": err.code, "message": err.message}}))
+        return EXIT_CODES.get(err.code, 1)
     except NoSuchProcess as err:
         print(f"monitor {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,90 @@
+"""The Python client of the daemon's socket, used by the CLI and by other programs.
+
+    with Client() as client:                       # $MONITOR_SOCKET or the default path
+        session = client.call("session.attach", pid=4242)
+        for event in client.subscribe(types=["session.stopped"]):
+            ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from monitor.config import default_paths
+from monitor.errors import MonitorError
+from monitor.protocol import ProtocolError, encode
+
+
+class DaemonUnreachable(MonitorError):
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        super().__init__(f"no monitor daemon answers on {path} ({reason}); start one with: monitor daemon")
+
+
+def socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("MONITOR_SOCKET"):
+        return Path(os.environ["MONITOR_SOCKET"])
+    return default_paths()[0]
+
+
+class Client:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout_s: float | None = 30.0) -> None:
+        self.path = socket_path(path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout_s)
+        try:
+            self._sock.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError) as err:
+            self._sock.close()
+            raise DaemonUnreachable(self.path, err.strerror or str(err)) from None
+        self._file = self._sock.makefile("rb")
+        self._next_id = 0
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def _send(self, method: str, params: dict[str, Any]) -> int:
+        self._next_id += 1
+        self._sock.sendall(encode({"id": self._next_id, "method": method, "params": params}))
+        return self._next_id
+
+    def _read(self) -> dict[str, Any]:
+        line = self._file.readline()
+        if not line:
+            raise DaemonUnreachable(self.path, "the daemon closed the connection")
+        data: dict[str, Any] = json.loads(line)
+        return data
+
+    def call(self, method: str, **params: Any) -> Any:
+        """The method's result; ProtocolError (with its stable code) when the daemon says no."""
+        request_id = self._send(method, params)
+        answer = self._read()
+        if "error" in answer:
+            raise ProtocolError(answer["error"]["code"], answer["error"]["message"])
+        if answer.get("id") != request_id:
+            raise ProtocolError("internal", f"answer for request {answer.get('id')}, expected {request_id}")
+        return answer["result"]
+
+    def subscribe(self, types: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Every transition the daemon commits from now on (one dict each), until it closes."""
+        self._sock.settimeout(None)
+        self.call("events.subscribe", **({"types": types} if types else {}))
+        while True:
+            line = self._file.readline()
+            if not line:
+                return
+            yield json.loads(line)["event"]

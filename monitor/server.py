@@ -1,0 +1,411 @@
+"""The daemon's Unix-socket API: peer credentials, authorization, limits, dispatch.
+
+Every connection's peer is taken from SO_PEERCRED (the kernel's word, not the
+client's). Root may do anything; another uid sees everything, but stops, unlocks
+and cancels only what it created, and attaches only processes it owns. PIDs 0
+and 1 and the daemon's own are refused. A bad request gets an error answer with a
+stable code and the connection (and every other client) goes on being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from monitor import __version__
+from monitor.engine import AlreadyDead, Engine
+from monitor.errors import AccessDenied, MonitorError, NoSuchProcess
+from monitor.events import Transition
+from monitor.fuses import NoFuse
+from monitor.locks import LockHeld, NotLocked
+from monitor.protocol import (
+    BAD_REQUEST,
+    CONFLICT,
+    FORBIDDEN,
+    INTERNAL,
+    LOCK_HELD,
+    MAX_FRAME_BYTES,
+    NOT_FOUND,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    Request,
+    decode_request,
+    encode,
+    error,
+    param,
+    result,
+)
+from monitor.tracker import Session, UnknownSession
+
+log = logging.getLogger(__name__)
+
+SO_PEERCRED_FORMAT = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def root(self) -> bool:
+        return self.uid == 0
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    """Who is at the other end, in the kernel's words (credentials as of connect())."""
+    if sys.platform != "linux":
+        raise MonitorError("peer credentials are read with SO_PEERCRED, which needs Linux")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, SO_PEERCRED_FORMAT.size)
+    pid, uid, gid = SO_PEERCRED_FORMAT.unpack(creds)
+    return Peer(pid, uid, gid)
+
+
+def process_uid(pid: int) -> int:
+    """The real uid of a process (the first of /proc/PID/status Uid:)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        raise NoSuchProcess(pid) from None
+    raise AccessDenied(f"cannot read the owner of process {pid}")
+
+
+def _seconds(params: dict[str, Any], name: str) -> float | None:
+    value = param(params, name, (int, float), None)
+    if value is not None and value <= 0:
+        raise ProtocolError(BAD_REQUEST, f"parameter {name!r} must be positive")
+    return None if value is None else float(value)
+
+
+class Api:
+    """The methods, each checked against the peer before it touches the engine."""
+
+    def __init__(self, engine: Engine, started_at: float) -> None:
+        self.engine = engine
+        self.started_at = started_at
+        self.methods: dict[str, Callable[[Peer, dict[str, Any]], Awaitable[Any]]] = {
+            "hello": self.hello, "daemon.status": self.status,
+            "session.attach": self.attach, "session.list": self.list_sessions, "session.get": self.get,
+            "session.stop": self.stop, "session.children": self.children,
+            "lock.acquire": self.lock, "lock.release": self.unlock, "lock.list": self.locks, "lock.who": self.who,
+            "fuse.set": self.fuse_set, "fuse.extend": self.fuse_extend, "fuse.cancel": self.fuse_cancel,
+            "fuse.list": self.fuses,
+        }
+
+    async def call(self, peer: Peer, request: Request) -> Any:
+        method = self.methods.get(request.method)
+        if method is None:
+            raise ProtocolError(NOT_FOUND, f"unknown method {request.method!r}")
+        try:
+            return await method(peer, request.params)
+        except (UnknownSession, NoFuse, NotLocked, NoSuchProcess) as err:
+            raise ProtocolError(NOT_FOUND, str(err)) from None
+        except LockHeld as err:
+            raise ProtocolError(LOCK_HELD, str(err)) from None
+        except AlreadyDead as err:
+            raise ProtocolError(CONFLICT, str(err)) from None
+        except AccessDenied as err:
+            raise ProtocolError(FORBIDDEN, str(err)) from None
+        except ValueError as err:
+            raise ProtocolError(BAD_REQUEST, str(err)) from None
+
+    def _deny(self, peer: Peer, what: str) -> ProtocolError:
+        log.warning("denied uid %d (pid %d): %s", peer.uid, peer.pid, what)
+        return ProtocolError(FORBIDDEN, what)
+
+    def _own(self, peer: Peer, owner_uid: int | None, what: str) -> None:
+        if not peer.root and owner_uid != peer.uid:
+            raise self._deny(peer, f"{what} belongs to another user")
+
+    # -- methods ----------------------------------------------------------------------------
+
+    async def hello(self, peer: Peer, params: dict[str, Any]) -> Any:
+        source = self.engine.source.name if self.engine.source else None
+        return {"protocol": PROTOCOL_VERSION, "version": __version__, "source": source, "pid": os.getpid(),
+                "peer": {"pid": peer.pid, "uid": peer.uid}}
+
+    async def status(self, peer: Peer, params: dict[str, Any]) -> Any:
+        source = self.engine.source
+        return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started_at, 3),
+                "source": source.name if source else None, "source_stats": source.stats() if source else {},
+                "sessions_running": len(self.engine.sessions()), "locks": len(self.engine.locks.locks),
+                "fuses": len(self.engine.fuses.fuses), "state_db": str(self.engine.state_path)}
+
+    async def attach(self, peer: Peer, params: dict[str, Any]) -> Any:
+        pid = param(params, "pid", int, required=True)
+        if pid <= 1 or pid == os.getpid():
+            raise self._deny(peer, f"PID {pid} cannot be attached")
+        if not peer.root and process_uid(pid) != peer.uid:
+            raise self._deny(peer, f"process {pid} belongs to another user")
+        labels = param(params, "labels", dict, {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise ProtocolError(BAD_REQUEST, "labels map strings to strings")
+        policy = param(params, "policy", str, "root")
+        if policy not in ("root", "tree"):
+            raise ProtocolError(BAD_REQUEST, "policy is root or tree")
+        session = await self.engine.attach(
+            pid, cwd=param(params, "cwd", str, None), labels=labels, policy=policy, timeout_s=_seconds(params, "timeout_s"),
+            kill_on_timeout=param(params, "kill_on_timeout", bool, False), lock=param(params, "lock", bool, True),
+            force=param(params, "force", bool, False), owner_uid=peer.uid)
+        return session.public()
+
+    async def list_sessions(self, peer: Peer, params: dict[str, Any]) -> Any:
+        include = param(params, "all", bool, False)
+        return [s.public() for s in sorted(self.engine.sessions(include_stopped=include), key=lambda s: s.started_at)]
+
+    async def get(self, peer: Peer, params: dict[str, Any]) -> Any:
+        return self.engine.session(param(params, "id", str, required=True)).public()
+
+    async def stop(self, peer: Peer, params: dict[str, Any]) -> Any:
+        session = self.engine.session(param(params, "id", str, required=True))
+        self._own(peer, session.owner_uid, f"session {session.id}")
+        name = param(params, "signal", (str, int), "TERM")
+        try:
+            signum = int(name) if isinstance(name, int) else signal.Signals["SIG" + name.upper().removeprefix("SIG")].value
+        except KeyError:
+            raise ProtocolError(BAD_REQUEST, f"unknown signal {name!r}") from None
+        grace = _seconds(params, "grace_s") or 5.0
+        await self.engine.stop(session.id, signum, grace)
+        wait = param(params, "wait", bool, True)
+        if wait:  # report the death it saw, within the grace (and the KILL after it)
+            await self._stopped(session, grace + 5.0)
+        return session.public()
+
+    async def _stopped(self, session: Session, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while session.state == "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def children(self, peer: Peer, params: dict[str, Any]) -> Any:
+        session = self.engine.session(param(params, "id", str, required=True))
+        return {"children": [c.to_dict() for c in session.children.values()],
+                "blocking": [c.to_dict() for c in self.engine.blocking_children(session.id)]}
+
+    async def lock(self, peer: Peer, params: dict[str, Any]) -> Any:
+        lock = await self.engine.lock(param(params, "directory", str, required=True), by=param(params, "by", str, None),
+                                      reason=param(params, "reason", str, None), owner_uid=peer.uid)
+        return lock.public()
+
+    async def unlock(self, peer: Peer, params: dict[str, Any]) -> Any:
+        directory = os.path.realpath(param(params, "directory", str, required=True))
+        lock = self.engine.locks.locks.get(directory)
+        if lock is None:
+            raise NotLocked(directory)
+        self._own(peer, lock.owner_uid, f"the lock on {directory}")
+        await self.engine.unlock(directory)
+        return lock.public()
+
+    async def locks(self, peer: Peer, params: dict[str, Any]) -> Any:
+        return [lock.public() for lock in sorted(self.engine.locks.locks.values(), key=lambda lk: lk.directory)]
+
+    async def who(self, peer: Peer, params: dict[str, Any]) -> Any:
+        return await self.engine.who_uses(param(params, "directory", str, required=True))
+
+    async def fuse_set(self, peer: Peer, params: dict[str, Any]) -> Any:
+        ttl = _seconds(params, "ttl_s")
+        if ttl is None:
+            raise ProtocolError(BAD_REQUEST, "missing parameter 'ttl_s'")
+        directory = os.path.realpath(param(params, "directory", str, required=True))
+        existing = self.engine.fuses.fuses.get(directory)
+        if existing is not None:
+            self._own(peer, existing.owner_uid, f"the fuse on {directory}")
+        fuse = await self.engine.fuse_set(directory, ttl, param(params, "action", str, None), owner_uid=peer.uid)
+        return fuse.to_dict()
+
+    async def fuse_extend(self, peer: Peer, params: dict[str, Any]) -> Any:
+        directory = os.path.realpath(param(params, "directory", str, required=True))
+        self._own(peer, self.engine.fuses.get(directory).owner_uid, f"the fuse on {directory}")
+        by = _seconds(params, "by_s")
+        if by is None:
+            raise ProtocolError(BAD_REQUEST, "missing parameter 'by_s'")
+        return (await self.engine.fuse_extend(directory, by)).to_dict()
+
+    async def fuse_cancel(self, peer: Peer, params: dict[str, Any]) -> Any:
+        directory = os.path.realpath(param(params, "directory", str, required=True))
+        self._own(peer, self.engine.fuses.get(directory).owner_uid, f"the fuse on {directory}")
+        return (await self.engine.fuse_cancel(directory)).to_dict()
+
+    async def fuses(self, peer: Peer, params: dict[str, Any]) -> Any:
+        return [f.to_dict() for f in sorted(self.engine.fuses.fuses.values(), key=lambda f: f.directory)]
+
+
+class Server:
+    """asyncio Unix-socket server: one task per connection, bounded in number and idle time."""
+
+    def __init__(self, api: Api, path: Path, *, max_connections: int = 256, idle_timeout_s: float = 600.0) -> None:
+        self.api = api
+        self.path = path
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._subscribers: set[asyncio.Queue[Transition | None]] = set()
+        api.engine.add_listener(self._publish)
+
+    async def start(self) -> None:
+        sock = bind_socket(self.path)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_FRAME_BYTES + 1)
+
+    async def close(self) -> None:
+        """Stop accepting, let requests in flight finish (briefly), close the rest."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for queue in self._subscribers:
+            queue.put_nowait(None)
+        if self._connections:
+            _done, pending = await asyncio.wait(self._connections, timeout=2.0)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _publish(self, transition: Transition) -> None:
+        for queue in self._subscribers:
+            if queue.qsize() < 10_000:  # a stalled subscriber is cut off below, not waited for
+                queue.put_nowait(transition)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            if len(self._connections) > self.max_connections:
+                writer.write(error(None, "unavailable", f"too many connections (at most {self.max_connections})"))
+                await writer.drain()
+                return
+            peer = peer_of(writer.get_extra_info("socket"))
+            await self._requests(peer, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _requests(self, peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout_s)
+            except TimeoutError:
+                return
+            except asyncio.LimitOverrunError:
+                writer.write(error(None, "too_large", f"a request may be at most {MAX_FRAME_BYTES} bytes"))
+                await writer.drain()
+                return  # the rest of that line cannot be told from the next request
+            except asyncio.IncompleteReadError as err:
+                if err.partial.strip():
+                    writer.write(error(None, BAD_REQUEST, "a request ends with a newline"))
+                    await writer.drain()
+                return
+            if not line.strip():
+                continue
+            try:
+                request = decode_request(line)
+            except ProtocolError as err:
+                writer.write(error(None, err.code, err.message))
+                await writer.drain()
+                continue
+            if request.method == "events.subscribe":
+                await self._stream(request, writer)
+                return
+            try:
+                answer = result(request.id, await self.api.call(peer, request))
+            except ProtocolError as err:
+                answer = error(request.id, err.code, err.message)
+            except MonitorError as err:
+                answer = error(request.id, BAD_REQUEST, str(err))
+            except Exception as err:
+                log.exception("method %s failed", request.method)
+                answer = error(request.id, INTERNAL, f"{type(err).__name__}: {err}")
+            writer.write(answer)
+            await writer.drain()
+
+    async def _stream(self, request: Request, writer: asyncio.StreamWriter) -> None:
+        """events.subscribe: every committed transition (optionally of some types), live."""
+        types = request.params.get("types")
+        if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
+            writer.write(error(request.id, BAD_REQUEST, "types is a list of event types"))
+            await writer.drain()
+            return
+        queue: asyncio.Queue[Transition | None] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            writer.write(result(request.id, {"subscribed": True}))
+            await writer.drain()
+            while True:
+                transition = await queue.get()
+                if transition is None:
+                    return
+                if types is None or transition.type in types:
+                    writer.write(encode({"id": request.id, "event": transition.to_dict()}))
+                    await asyncio.wait_for(writer.drain(), 10.0)
+        except TimeoutError:
+            log.warning("a subscriber stopped reading; disconnected")
+        finally:
+            self._subscribers.discard(queue)
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at `path`, safely.
+
+    A symlink there is refused (it could point anywhere); a socket there is replaced
+    only when no daemon answers on it; anything else there is refused. The socket is
+    bound under a umask that leaves no moment with wider permissions than intended,
+    in a directory only we can write to.
+    """
+    path.parent.mkdir(mode=0o755 if os.geteuid() == 0 else 0o700, parents=True, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise MonitorError(f"{path} is a symbolic link: refusing to use it as the socket")
+        if not stat.S_ISSOCK(st.st_mode):
+            raise MonitorError(f"{path} exists and is not a socket: refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            raise MonitorError(f"a daemon is already answering on {path}")
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink()  # stale: nobody listens
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # created 0600, then opened up on purpose below
+    try:
+        sock.bind(str(path))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise MonitorError(f"{path} is in use") from None
+        raise
+    finally:
+        os.umask(old)
+    # Every user may connect; what each may do is decided per request from SO_PEERCRED.
+    os.chmod(path, 0o666 if os.geteuid() == 0 else 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
