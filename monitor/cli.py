@@ -370,6 +370,65 @@ def _call(client: Any, args: argparse.Namespace) -> Any:
     return client.call("fuse.list")
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """monitor launch: the daemon starts it; with --wait, exit with its status."""
+    from monitor.client import Client
+
+    command = args.command_argv[1:] if args.command_argv[:1] == ["--"] else args.command_argv
+    if not command:
+        print("monitor launch: a command is needed after --", file=sys.stderr)
+        return EXIT_USAGE
+    env = dict(os.environ) | dict(args.env or [])
+    # With --wait, subscribe before the launch, so that its stop cannot come before we listen.
+    stream = Client(args.socket, timeout_s=None) if args.wait else None
+    try:
+        events = stream.subscribe(types=["session.stopped"]) if stream is not None else None
+        with Client(args.socket) as client:
+            session = client.call("session.launch", argv=command, cwd=os.path.abspath(args.cwd or "."), env=env,
+                                  labels=dict(args.label or []), timeout_s=args.timeout,
+                                  kill_on_timeout=args.kill_on_timeout, lock=not args.no_lock, force=args.force,
+                                  tree=args.tree)
+            if events is None:
+                print(json.dumps(session) if args.json else session["id"])
+                return 0
+            for event in events:
+                if event["session_id"] == session["id"]:
+                    break
+            final = client.call("session.get", id=session["id"])
+        if args.json:
+            print(json.dumps(final))
+        code = 128 + final["signal"] if final["signal"] is not None else final["exit_code"]
+        return EXIT_UNKNOWN_STATUS if code is None else int(code)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def _logs(args: argparse.Namespace) -> int:
+    """Print a session's log; with -f follow it until the session stops."""
+    from monitor.client import Client
+
+    with Client(args.socket) as client:
+        session = client.call("session.get", id=args.id)
+        path = session.get("log_file")
+        if not path:
+            print(f"monitor logs: session {session['id']} was attached, not launched: it has no log", file=sys.stderr)
+            return 1
+        with open(path, "rb") as log_file:
+            while True:
+                chunk = log_file.read(65536)
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                    continue
+                if not args.follow or client.call("session.get", id=session["id"])["state"] != "running":
+                    rest = log_file.read()
+                    sys.stdout.buffer.write(rest)
+                    sys.stdout.flush()
+                    return 0
+                time.sleep(0.2)
+
+
 def _run_daemon(args: argparse.Namespace) -> int:
     from monitor.config import load_config
     from monitor.daemon import serve
@@ -465,6 +524,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="do not lock, even where another lock stands")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("launch", help="run a command as a session, under the daemon (lock first, then spawn)")
+    p.add_argument("--cwd", help="where it runs (default: here); its lock is taken before the spawn")
+    p.add_argument("--no-lock", action="store_true", help="do not lock the directory")
+    p.add_argument("--force", action="store_true", help="do not lock, even where another lock stands")
+    p.add_argument("--timeout", type=parse_duration, metavar="DURATION", help="master timeout (e.g. 3h)")
+    p.add_argument("--kill-on-timeout", action="store_true", help="TERM (then KILL) its process group on timeout")
+    p.add_argument("--tree", action="store_true", help="the session ends when its whole process tree is gone")
+    p.add_argument("--label", type=_label, action="append", metavar="K=V")
+    p.add_argument("--env", type=_label, action="append", metavar="K=V", help="set in its environment")
+    p.add_argument("--wait", action="store_true", help="wait for it to end and exit with its status (code, or 128+signal)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
+
+    p = sub.add_parser("logs", help="a launched session's output")
+    p.add_argument("id")
+    p.add_argument("-f", "--follow", action="store_true", help="follow it until the session stops")
+
     p = sub.add_parser("list", help="sessions (running; --all: stopped too)")
     p.add_argument("--all", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -539,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_doctor(args))
         if args.command == "daemon" and args.action == "run":
             return _run_daemon(args)
+        if args.command == "launch":
+            return _launch(args)
+        if args.command == "logs":
+            return _logs(args)
         return _client_command(args)
     except DaemonUnreachable as err:
         print(f"monitor {args.command}: {err}", file=sys.stderr)

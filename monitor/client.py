@@ -80,11 +80,12 @@ class Client:
         return answer["result"]
 
     def subscribe(self, types: list[str] | None = None) -> Iterator[dict[str, Any]]:
-        """Every transition the daemon commits from now on (one dict each), until it closes."""
+        """Every transition the daemon commits from the moment this returns (one dict each),
+        until it closes. Subscribed at once, not at the first iteration."""
         self._sock.settimeout(None)
         self.call("events.subscribe", **({"types": types} if types else {}))
-        while True:
-            line = self._file.readline()
-            if not line:
-                return
+        return self._events()
+
+    def _events(self) -> Iterator[dict[str, Any]]:
+        while line := self._file.readline():
             yield json.loads(line)["event"]

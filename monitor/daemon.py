@@ -21,6 +21,7 @@ from pathlib import Path
 from monitor.config import Config, load_config
 from monitor.engine import Engine
 from monitor.errors import MonitorError
+from monitor.launcher import Launcher
 from monitor.server import Api, Server
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,9 @@ async def serve(config: Config, config_file: str | None = None) -> int:
                         child_grace_s=config.child_grace_s, exit_dir=config.exit_dir)
         await engine.start()
         try:
-            server = Server(Api(engine, time.monotonic()), config.socket, max_connections=config.max_connections,
-                            idle_timeout_s=config.idle_timeout_s)
+            launcher = Launcher(engine, config.exit_dir, config.log_dir)
+            server = Server(Api(engine, time.monotonic(), launcher), config.socket,
+                            max_connections=config.max_connections, idle_timeout_s=config.idle_timeout_s)
             await server.start()
             log.info("serving on %s with the %s source, state in %s", config.socket,
                      engine.source.name if engine.source else "?", config.state_dir)
@@ -90,6 +92,7 @@ async def serve(config: Config, config_file: str | None = None) -> int:
             for task in tasks:
                 task.cancel()
             await server.close()
+            await launcher.close()
         finally:
             await engine.close()
     finally:

@@ -219,6 +219,8 @@ class Engine:
         for lock in list(self.locks.locks.values()):
             if lock.owner is not None and (lock.owner.boot_id != self.boot_id or not self._alive(lock.owner)):
                 step.transitions += self.locks.release_owner(lock.owner, RELIST)
+            elif lock.kind == "auto" and lock.owner is None:  # a launch's reservation, left by a crash
+                step.transitions += self.locks.release(lock.directory)
         self._after_stops(step, now, wall)
         self._fill(batch, step)
         if batch:
@@ -352,6 +354,14 @@ class Engine:
         """Signal the session's process group (it leads one when launched) or the process;
         through a pidfd, so a reused PID can never be hit."""
         key = command.key
+        session = self.tracker.session_of(key)
+        if session is not None and session.pgid is not None and session.key == key and self._alive(key):
+            try:
+                if os.getpgid(key.pid) == session.pgid:  # still in the group its launch made
+                    os.killpg(session.pgid, command.signum)
+                    return
+            except OSError:
+                pass
         if sys.platform != "linux":  # no pidfds: check the identity, then signal the PID
             if self._alive(key):
                 with contextlib.suppress(OSError):
@@ -462,11 +472,18 @@ class Engine:
         lock: bool = True,
         force: bool = False,
         exit_file: str | None = None,
+        log_file: str | None = None,
+        pgid: int | None = None,
         owner_uid: int | None = None,
         session_id: str | None = None,
     ) -> Session:
-        """Follow a process that a launcher started (or `attach` found) as a new session."""
-        if not self._alive(key):
+        """Follow a process that a launcher started (or `attach` found) as a new session.
+
+        A process that has already exited is refused, unless `exit_file` is given (a launch):
+        then the session is recorded and stopped at once, with the exit file's status.
+        """
+        ended = not self._alive(key)
+        if ended and exit_file is None:
             raise AlreadyDead(key)
         followed = self.tracker.session_of(key)
         if followed is not None:
@@ -478,7 +495,7 @@ class Engine:
             argv=argv if argv is not None else process_argv(key.pid), labels=dict(labels or {}), policy=policy,
             started_at=wall, started_mono=now, timeout_s=timeout_s,
             deadline=now + timeout_s if timeout_s is not None else None, kill_on_timeout=kill_on_timeout,
-            exit_file=exit_file, owner_uid=owner_uid,
+            exit_file=exit_file, log_file=log_file, pgid=pgid, owner_uid=owner_uid,
         )
         step = Step()
         if lock and not force:
@@ -487,6 +504,11 @@ class Engine:
         step.extend(self.tracker.add(session))
         if self.fuses.session_started(directory):
             self._dirty_fuses.add(directory)
+        if ended:  # a launch that was over before we could follow it
+            status = self._exit_file_status(session)
+            step.extend(self.tracker.stop_unverifiable(session, "exited" if status else "lost", status, wall))
+            step.commands = []
+            self._after_stops(step, now, wall)
         done = self._submit(step)
         for command in step.commands:
             if isinstance(command, Watch):
@@ -515,6 +537,16 @@ class Engine:
     async def lock(self, directory: str, *, by: str | None = None, reason: str | None = None, owner_uid: int | None = None) -> Lock:
         path = os.path.realpath(directory)
         lock = Lock(path, "manual", by=by, reason=reason, locked_at=self.clock.wall(), owner_uid=owner_uid)
+        done = self._submit(Step(self.locks.acquire(lock, self._alive)))
+        if done is not None:
+            await done
+        return lock
+
+    async def reserve_lock(self, directory: str, session_id: str, owner_uid: int | None = None) -> Lock:
+        """Take a directory's lock for a session about to be launched: atomically, before the
+        spawn, so two launches cannot both start there. `register` then hands it to the process."""
+        path = os.path.realpath(directory)
+        lock = Lock(path, "auto", None, session_id, locked_at=self.clock.wall(), owner_uid=owner_uid)
         done = self._submit(Step(self.locks.acquire(lock, self._alive)))
         if done is not None:
             await done

@@ -46,6 +46,8 @@ class Lock:
     owner_uid: int | None = None
 
     def holder(self) -> str:
+        if self.kind == "auto" and self.owner is None:
+            return f"session {self.session_id} (starting)"
         if self.kind == "manual":
             return f"{self.by or 'someone'}" + (f": {self.reason}" if self.reason else "")
         return f"process {self.owner.pid if self.owner else '?'}" + (f" of session {self.session_id}" if self.session_id else "")
@@ -113,13 +115,22 @@ class LockTable:
         for held in self.conflicts(lock.directory):
             if held.kind == "auto" and held.owner is not None and held.owner == lock.owner:
                 return []  # the same process again: it has it already
+            if held.owner is None and held.kind == "auto" and held.session_id == lock.session_id:
+                dead.append(held)  # the reservation a launch made for this very session
+                continue
             if held.kind == "manual" or held.owner is None or alive(held.owner):
                 raise LockHeld(lock.directory, held)
             dead.append(held)
+        reserved = [h for h in dead if h.owner is None]
+        dead = [h for h in dead if h.owner is not None]
+        for held in reserved:
+            self._drop(held.directory)  # the session now holds it through its process
         for held in dead:
             self._drop(held.directory)
             transitions.append(LockReleased(held.directory, held.kind, held.owner, "taken_over", "relist"))
         self._put(lock)
+        if reserved and lock.directory in {h.directory for h in reserved}:
+            return transitions  # acquired already, when reserved: no second LockAcquired
         took_over = ", ".join(h.holder() for h in dead) or None
         transitions.append(LockAcquired(lock.directory, lock.kind, lock.owner, lock.session_id, took_over))
         return transitions

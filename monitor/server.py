@@ -30,6 +30,7 @@ from monitor.engine import AlreadyDead, Engine
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess
 from monitor.events import Transition
 from monitor.fuses import NoFuse
+from monitor.launcher import Launcher, LaunchFailed
 from monitor.locks import LockHeld, NotLocked
 from monitor.protocol import (
     BAD_REQUEST,
@@ -97,12 +98,14 @@ def _seconds(params: dict[str, Any], name: str) -> float | None:
 class Api:
     """The methods, each checked against the peer before it touches the engine."""
 
-    def __init__(self, engine: Engine, started_at: float) -> None:
+    def __init__(self, engine: Engine, started_at: float, launcher: Launcher | None = None) -> None:
         self.engine = engine
         self.started_at = started_at
+        self.launcher = launcher
         self.methods: dict[str, Callable[[Peer, dict[str, Any]], Awaitable[Any]]] = {
             "hello": self.hello, "daemon.status": self.status,
-            "session.attach": self.attach, "session.list": self.list_sessions, "session.get": self.get,
+            "session.attach": self.attach, "session.launch": self.launch,
+            "session.list": self.list_sessions, "session.get": self.get,
             "session.stop": self.stop, "session.children": self.children,
             "lock.acquire": self.lock, "lock.release": self.unlock, "lock.list": self.locks, "lock.who": self.who,
             "fuse.set": self.fuse_set, "fuse.extend": self.fuse_extend, "fuse.cancel": self.fuse_cancel,
@@ -120,6 +123,8 @@ class Api:
         except LockHeld as err:
             raise ProtocolError(LOCK_HELD, str(err)) from None
         except AlreadyDead as err:
+            raise ProtocolError(CONFLICT, str(err)) from None
+        except LaunchFailed as err:
             raise ProtocolError(CONFLICT, str(err)) from None
         except AccessDenied as err:
             raise ProtocolError(FORBIDDEN, str(err)) from None
@@ -164,6 +169,27 @@ class Api:
             pid, cwd=param(params, "cwd", str, None), labels=labels, policy=policy, timeout_s=_seconds(params, "timeout_s"),
             kill_on_timeout=param(params, "kill_on_timeout", bool, False), lock=param(params, "lock", bool, True),
             force=param(params, "force", bool, False), owner_uid=peer.uid)
+        return session.public()
+
+    async def launch(self, peer: Peer, params: dict[str, Any]) -> Any:
+        """Run a command as a session, as the peer's own uid (root's daemon), or refused."""
+        if self.launcher is None:
+            raise ProtocolError("unavailable", "this daemon does not launch")
+        if not peer.root and os.geteuid() != 0 and peer.uid != os.geteuid():
+            raise self._deny(peer, "this daemon runs as another user and can launch only as itself")
+        argv = param(params, "argv", list, required=True)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ProtocolError(BAD_REQUEST, "argv is a non-empty list of strings")
+        env = param(params, "env", dict, {})
+        labels = param(params, "labels", dict, {})
+        for name, mapping in (("env", env), ("labels", labels)):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+                raise ProtocolError(BAD_REQUEST, f"{name} maps strings to strings")
+        session = await self.launcher.launch(
+            argv, cwd=param(params, "cwd", str, required=True), env=env, uid=peer.uid, gid=peer.gid, labels=labels,
+            policy="tree" if param(params, "tree", bool, False) else "root", timeout_s=_seconds(params, "timeout_s"),
+            kill_on_timeout=param(params, "kill_on_timeout", bool, False), lock=param(params, "lock", bool, True),
+            force=param(params, "force", bool, False))
         return session.public()
 
     async def list_sessions(self, peer: Peer, params: dict[str, Any]) -> Any:

@@ -100,6 +100,8 @@ class Session:
     kill_on_timeout: bool = False
     kill_grace_s: float = DEFAULT_KILL_GRACE_S
     exit_file: str | None = None
+    log_file: str | None = None
+    pgid: int | None = None  # the process group a launch put it in: stop signals all of it
     owner_uid: int | None = None
     state: Literal["running", "stopped"] = "running"
     timed_out_at: float | None = None  # monotonic
@@ -133,7 +135,7 @@ class Session:
                 "labels": self.labels, "policy": self.policy, "state": self.state, "reason": self.reason,
                 "exit_code": self.exit_code, "signal": self.signal, "evidence": self.evidence,
                 "started_at": self.started_at, "stopped_at": self.stopped_at, "duration_s": self.duration_s,
-                "timeout_s": self.timeout_s, "timed_out": self.timed_out_at is not None,
+                "timeout_s": self.timeout_s, "timed_out": self.timed_out_at is not None, "log_file": self.log_file,
                 "children": [c.to_dict() for c in self.children.values()]}
 
 

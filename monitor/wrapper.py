@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,16 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="monitor-wrapper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--exit-dir", required=True, type=Path)
     parser.add_argument("--id", required=True)
+    parser.add_argument("--user", type=int, help="run the command as this uid (the wrapper stays as it is)")
+    parser.add_argument("--group", type=int, help="and this gid")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("a command is required after --")
     try:
-        pid = os.posix_spawnp(command[0], command, os.environ)
+        # The wrapper keeps its own uid so that only it (and the daemon) can write the
+        # exit file; the command runs as the user who launched it.
+        child = subprocess.Popen(command, user=args.user, group=args.group,
+                                 extra_groups=[] if args.user is not None else None, close_fds=False)
     except OSError as err:
         print(f"monitor-wrapper: cannot run {command[0]}: {err.strerror}", file=sys.stderr)
         return 127
+    pid = child.pid
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda s, _f: os.kill(pid, s))
     try:
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         except InterruptedError:
             continue
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not try again
     if key is not None:
         write_atomically(args.exit_dir / f"{args.id}.exit", {"id": args.id, "key": key.to_dict(), "wait_status": status})
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)

@@ -243,3 +243,79 @@ def test_the_cli_says_how_to_start_a_missing_daemon(public_dir: Path) -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 3
     assert result.stderr.strip().endswith("start one with: monitor daemon")
+
+
+def cli(d: Daemon, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "monitor", "--socket", str(d.socket), *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_launch_wait_exits_with_the_commands_status_and_keeps_its_output(daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    done = cli(daemon, "launch", "--wait", "--json", "--label", "adapter=demo", "--", "sh", "-c", "echo hello; exit 7", cwd=work)
+    assert done.returncode == 7, done.stderr
+    session = json.loads(done.stdout)
+    assert (session["reason"], session["exit_code"], session["labels"]) == ("exited", 7, {"adapter": "demo"})
+    assert cli(daemon, "logs", session["id"][:6]).stdout == "hello\n"
+    killed = cli(daemon, "launch", "--wait", "--", "sh", "-c", "sleep 0.2; kill -9 $$", cwd=work)
+    assert killed.returncode == 137
+    with daemon.client() as client:
+        assert client.call("lock.list") == []  # released with each command's end
+
+
+def test_launch_takes_the_lock_before_it_spawns_anything(daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    marker = tmp_path / "ran"
+    with daemon.client() as client:
+        client.call("lock.acquire", directory=str(tmp_path), by="release", reason="freeze")
+    refused = cli(daemon, "launch", "--", "touch", str(marker), cwd=work)
+    assert refused.returncode == 5 and "locked" in refused.stderr and "release: freeze" in refused.stderr
+    assert not marker.exists()
+    with daemon.client() as client:
+        assert client.call("session.list", all=True) == []
+
+
+def test_a_launch_runs_as_the_user_who_asked(daemon: Daemon, public_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as a second uid")
+    work = public_dir / "nobody-work"
+    work.mkdir()
+    work.chmod(0o777)
+    answers = _as_nobody(daemon.socket, [{"method": "session.launch", "params": {
+        "argv": ["sh", "-c", "id -u > uid.txt"], "cwd": str(work), "env": {"PATH": os.environ["PATH"]}}}])
+    session = answers[0]["result"]
+    deadline = time.monotonic() + 10
+    with daemon.client() as client:
+        while client.call("session.get", id=session["id"])["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert (work / "uid.txt").read_text().strip() == str(NOBODY)
+    assert (work / "uid.txt").stat().st_uid == NOBODY
+
+
+def test_a_killed_wrapper_orphans_nothing_out_of_its_session(daemon: Daemon, tmp_path: Path) -> None:
+    """The session follows the command, not the wrapper: killing the wrapper leaves the
+    command in its session, with its lock, until the command itself ends."""
+    from test_engine_real import _reap_all, _subreaper
+
+    work = tmp_path / "w"
+    work.mkdir()
+    _subreaper(True)  # the orphaned command comes to us, and we reap it
+    try:
+        started = cli(daemon, "launch", "--json", "--", "sleep", "60", cwd=work)
+        session = json.loads(started.stdout)
+        with open(f"/proc/{session['pid']}/stat") as f:
+            wrapper = int(f.read().rsplit(")", 1)[1].split()[1])
+        os.kill(wrapper, signal.SIGKILL)
+        time.sleep(0.3)
+        with daemon.client() as client:
+            assert client.call("session.get", id=session["id"])["state"] == "running"
+            assert [lk["pid"] for lk in client.call("lock.list")] == [session["pid"]]
+            stopped = client.call("session.stop", id=session["id"], grace_s=2)
+        assert (stopped["state"], stopped["signal"]) == ("stopped", 15)
+    finally:
+        for _ in range(100):
+            _reap_all()
+            time.sleep(0.01)
+        _subreaper(False)

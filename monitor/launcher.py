@@ -1,0 +1,128 @@
+"""Launching a session: lock first, then the wrapper, in a process group of its own.
+
+    lock (atomic, before the spawn) -> wrapper (python -m monitor.wrapper) -> command
+
+The wrapper keeps the daemon's uid, so that only it writes the exit file (which
+survives a daemon that was down), and runs the command as the user who asked.
+The session follows the command itself, not the wrapper: a killed wrapper does
+not orphan the command out of its session or its lock. Output goes to a log file
+that belongs to that user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from monitor.engine import Engine
+from monitor.errors import MonitorError
+from monitor.identity import ProcessKey
+from monitor.tracker import Policy, Session, new_session_id
+
+log = logging.getLogger(__name__)
+START_TIMEOUT_S = 10.0
+
+
+class LaunchFailed(MonitorError):
+    pass
+
+
+class Launcher:
+    def __init__(self, engine: Engine, exit_dir: Path, log_dir: Path) -> None:
+        self.engine = engine
+        self.exit_dir = exit_dir
+        self.log_dir = log_dir
+        self._wrappers: dict[int, subprocess.Popen[bytes]] = {}  # reaped when their pidfd is readable
+
+    async def launch(
+        self, argv: list[str], *, cwd: str, env: dict[str, str], uid: int, gid: int, labels: dict[str, str],
+        policy: Policy = "root", timeout_s: float | None = None, kill_on_timeout: bool = False, lock: bool = True,
+        force: bool = False,
+    ) -> Session:
+        if not argv:
+            raise ValueError("a command is needed")
+        directory = os.path.realpath(cwd)
+        if not os.path.isdir(directory):
+            raise ValueError(f"{directory} is not a directory")
+        session_id = new_session_id()
+        if lock and not force:
+            await self.engine.reserve_lock(directory, session_id, uid)
+        try:
+            return await self._start(argv, directory, env, uid, gid, labels, policy, timeout_s, kill_on_timeout,
+                                     lock and not force, session_id)
+        except BaseException:
+            if lock and not force:
+                with contextlib.suppress(MonitorError):
+                    if self.engine.locks.locks.get(directory) is not None and self.engine.locks.locks[directory].owner is None:
+                        await self.engine.unlock(directory)
+            raise
+
+    async def _start(self, argv: list[str], directory: str, env: dict[str, str], uid: int, gid: int,
+                     labels: dict[str, str], policy: Policy, timeout_s: float | None, kill_on_timeout: bool,
+                     lock: bool, session_id: str) -> Session:
+        self.exit_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{session_id}.log"
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        wrapper = [sys.executable, "-m", "monitor.wrapper", "--exit-dir", str(self.exit_dir), "--id", session_id]
+        if uid != os.geteuid():
+            os.fchown(log_fd, uid, gid)
+            wrapper += ["--user", str(uid), "--group", str(gid)]
+        env = {**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the wrapper is ours, wherever it runs
+        try:
+            proc = subprocess.Popen([*wrapper, "--", *argv], cwd=directory, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=log_fd, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        finally:
+            os.close(log_fd)
+        self._reap_later(proc)
+        key = await self._started(proc, session_id)
+        exit_file = self.exit_dir / f"{session_id}.exit"
+        if not key.is_alive():  # over already: its wrapper is writing the exit file, if not done
+            for _ in range(1000):
+                if exit_file.exists():
+                    break
+                await asyncio.sleep(0.002)
+        return await self.engine.register(
+            key, cwd=directory, argv=argv, labels=labels, policy=policy, timeout_s=timeout_s,
+            kill_on_timeout=kill_on_timeout, lock=lock, exit_file=str(exit_file),
+            log_file=str(log_path), pgid=proc.pid, owner_uid=uid, session_id=session_id)
+
+    async def _started(self, proc: subprocess.Popen[bytes], session_id: str) -> ProcessKey:
+        """The command's key, from the wrapper's start file."""
+        start = self.exit_dir / f"{session_id}.start"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        while not start.exists():
+            if proc.poll() is not None:
+                raise LaunchFailed(f"the command did not start (wrapper exit {proc.returncode}; see the log)")
+            if loop.time() > deadline:
+                raise LaunchFailed(f"the command did not start within {START_TIMEOUT_S:g}s")
+            await asyncio.sleep(0.002)
+        return ProcessKey.from_dict(json.loads(start.read_text())["key"])
+
+    def _reap_later(self, proc: subprocess.Popen[bytes]) -> None:
+        """The wrapper is our child: reap it when it ends (PID 1 may not), without a thread."""
+        loop = asyncio.get_running_loop()
+        fd = os.pidfd_open(proc.pid)
+        self._wrappers[fd] = proc
+
+        def reap() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            self._wrappers.pop(fd).wait()
+
+        loop.add_reader(fd, reap)
+
+    async def close(self) -> None:
+        """Wrappers outlive a daemon that stops: they and their commands run on."""
+        loop = asyncio.get_running_loop()
+        for fd in list(self._wrappers):
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._wrappers.clear()
