@@ -1,0 +1,88 @@
+"""Running under a service manager: the systemd notify protocol (without systemd), the unit
+and plist files, and the configuration's sources and errors."""
+
+from __future__ import annotations
+
+import plistlib
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, ROOT, Procs
+from monitor.config import ConfigError, load_config
+
+
+def test_the_daemon_speaks_the_systemd_notify_protocol(procs: Procs, tmp_path: Path) -> None:
+    """READY=1 only once it serves, WATCHDOG=1 from its loop, STOPPING=1 on SIGTERM."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    sock = tmp_path / "run" / "monitor.sock"
+    try:
+        daemon = procs.spawn(PYTHON, "-m", "monitor", "--socket", str(sock), "--state-dir", str(tmp_path / "state"),
+                             "daemon", cwd=ROOT, env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000",
+                                                      "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        ready = notify.recv(4096).decode()
+        assert "READY=1" in ready and sock.exists()  # ready means serving
+        assert "WATCHDOG=1" in notify.recv(4096).decode()
+        daemon.send_signal(signal.SIGTERM)
+        messages = []
+        while "STOPPING=1" not in "".join(messages):
+            messages.append(notify.recv(4096).decode())
+        assert daemon.wait(10) == 0
+    finally:
+        notify.close()
+
+
+def _unit(path: Path) -> dict[str, str]:
+    entries = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            entries[key.strip()] = value.strip()
+    return entries
+
+
+def test_the_systemd_unit_says_what_the_daemon_needs() -> None:
+    unit = _unit(ROOT / "scripts" / "monitor.service")
+    assert unit["Type"] == "notify" and unit["ExecStart"].endswith("monitor daemon")
+    assert unit["AmbientCapabilities"] == "CAP_NET_ADMIN"
+    assert unit["RuntimeDirectory"] == unit["StateDirectory"] == "monitor"
+    assert unit["Restart"] == "on-failure" and unit["KillMode"] == "process"  # sessions outlive a restart
+    assert "AF_NETLINK" in unit["RestrictAddressFamilies"]  # the proc connector still works
+
+
+def test_the_launchd_plist_parses() -> None:
+    plist = plistlib.loads((ROOT / "scripts" / "dev.monitor.daemon.plist").read_bytes())
+    assert plist["ProgramArguments"][-1] == "daemon" and plist["RunAtLoad"] is True
+
+
+def test_config_file_then_environment_then_flags(tmp_path: Path) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text('source = "pidfd"\nrelist_interval_s = 10\nsocket = "/tmp/a.sock"\n')
+    config = load_config(file, env={"MONITOR_RELIST_INTERVAL_S": "5", "HOME": str(tmp_path)},
+                         overrides={"socket": "/tmp/b.sock", "state_dir": None})
+    assert (config.source, config.relist_interval_s, str(config.socket)) == ("pidfd", 5.0, "/tmp/b.sock")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("colour = 1\n", "unknown setting 'colour'"),
+    ("relist_interval_s = true\n", "is not a float"),
+    ("source = 'kqueue'\n", "choose netlink, pidfd or poll"),
+    ("not toml", "cannot read config"),
+])
+def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(file, env={"HOME": str(tmp_path)})
+
+
+def test_the_daemon_refuses_a_bad_config_clearly(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("colour = 1\n")
+    result = subprocess.run([PYTHON, "-m", "monitor", "daemon", "--config", str(tmp_path / "c.toml")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "unknown setting 'colour'" in result.stderr
