@@ -387,7 +387,8 @@ def _launch(args: argparse.Namespace) -> int:
             session = client.call("session.launch", argv=command, cwd=os.path.abspath(args.cwd or "."), env=env,
                                   labels=dict(args.label or []), timeout_s=args.timeout,
                                   kill_on_timeout=args.kill_on_timeout, lock=not args.no_lock, force=args.force,
-                                  tree=args.tree)
+                                  tree=args.tree, log=os.path.abspath(args.log) if args.log else None,
+                                  on_complete=args.on_complete)
             if events is None:
                 print(json.dumps(session) if args.json else session["id"])
                 return 0
@@ -533,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", action="store_true", help="the session ends when its whole process tree is gone")
     p.add_argument("--label", type=_label, action="append", metavar="K=V")
     p.add_argument("--env", type=_label, action="append", metavar="K=V", help="set in its environment")
+    p.add_argument("--log", metavar="FILE", help="append its output here (default: the daemon's log directory)")
+    p.add_argument("--on-complete", metavar="CMD", help="shell command run once it has stopped, with MONITOR_EXIT_CODE, "
+                   "MONITOR_SIGNAL, MONITOR_REASON, ... in its environment")
     p.add_argument("--wait", action="store_true", help="wait for it to end and exit with its status (code, or 128+signal)")
     p.add_argument("--json", action="store_true")
     p.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")

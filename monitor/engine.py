@@ -22,10 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from monitor import cgroups
 from monitor.clock import Clock, SystemClock
 from monitor.errors import MonitorError
 from monitor.events import RELIST, Event, Exited, Forked, FuseFired, LockAcquired, LockReleased, Overrun, SessionStopped, Transition
 from monitor.fuses import DirFuse, FuseTable
+from monitor.hooks import run_hook
 from monitor.identity import ProcessKey, boot_id
 from monitor.locks import Lock, LockTable
 from monitor.sources import select_source
@@ -126,7 +128,7 @@ class Engine:
         self._listeners: list[Callable[[Transition], None]] = []
         self._wake: asyncio.Event | None = None
         self._next_relist = 0.0
-        self._actions: set[asyncio.Task[None]] = set()
+        self._actions: set[asyncio.Task[Any]] = set()
         self._dirty_fuses: set[str] = set()  # fuses changed since the last batch
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -340,6 +342,8 @@ class Engine:
             if isinstance(command, Signal):
                 self._signal(command)
         for transition in step.transitions:
+            if isinstance(transition, SessionStopped):
+                self._session_ended(self.tracker.sessions.get(transition.session_id))
             if isinstance(transition, FuseFired) and transition.action:
                 task = asyncio.get_running_loop().create_task(self._run_action(transition))
                 self._actions.add(task)
@@ -355,6 +359,9 @@ class Engine:
         through a pidfd, so a reused PID can never be hit."""
         key = command.key
         session = self.tracker.session_of(key)
+        if session is not None and session.cgroup is not None and session.key == key and self._alive(key):
+            if cgroups.signal_all(Path(session.cgroup), command.signum):
+                return  # every descendant, wherever it moved its process group
         if session is not None and session.pgid is not None and session.key == key and self._alive(key):
             try:
                 if os.getpgid(key.pid) == session.pgid:  # still in the group its launch made
@@ -385,6 +392,23 @@ class Engine:
             pass
         finally:
             os.close(fd)
+
+    def _session_ended(self, session: Session | None) -> None:
+        """After a stop is committed: its cgroup goes, and its on-complete hook runs."""
+        if session is None:
+            return
+        if session.cgroup is not None:
+            self._remove_cgroup(Path(session.cgroup), tries=50)
+        if session.on_complete:
+            task = asyncio.get_running_loop().create_task(run_hook(session))
+            self._actions.add(task)
+            task.add_done_callback(self._actions.discard)
+
+    def _remove_cgroup(self, path: Path, tries: int) -> None:
+        """An emptied cgroup can go; its last processes may take a moment to be reaped."""
+        cgroups.remove(path)
+        if path.exists() and tries > 0 and self._loop is not None:
+            self._loop.call_later(0.1, self._remove_cgroup, path, tries - 1)
 
     async def _run_action(self, fired: FuseFired) -> None:
         """The fuse's action, in its directory, in a session of its own, bounded in time."""
@@ -474,6 +498,8 @@ class Engine:
         exit_file: str | None = None,
         log_file: str | None = None,
         pgid: int | None = None,
+        cgroup: str | None = None,
+        on_complete: str | None = None,
         owner_uid: int | None = None,
         session_id: str | None = None,
     ) -> Session:
@@ -495,7 +521,7 @@ class Engine:
             argv=argv if argv is not None else process_argv(key.pid), labels=dict(labels or {}), policy=policy,
             started_at=wall, started_mono=now, timeout_s=timeout_s,
             deadline=now + timeout_s if timeout_s is not None else None, kill_on_timeout=kill_on_timeout,
-            exit_file=exit_file, log_file=log_file, pgid=pgid, owner_uid=owner_uid,
+            exit_file=exit_file, log_file=log_file, pgid=pgid, cgroup=cgroup, on_complete=on_complete, owner_uid=owner_uid,
         )
         step = Step()
         if lock and not force:

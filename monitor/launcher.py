@@ -20,8 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from monitor import cgroups
 from monitor.engine import Engine
-from monitor.errors import MonitorError
+from monitor.errors import AccessDenied, MonitorError
 from monitor.identity import ProcessKey
 from monitor.tracker import Policy, Session, new_session_id
 
@@ -33,17 +34,45 @@ class LaunchFailed(MonitorError):
     pass
 
 
+def open_log(path: Path, uid: int, gid: int, *, chosen: bool) -> int:
+    """The log file for a launch, opened for appending on behalf of `uid`.
+
+    A path the user chose (the daemon may be root) must be the user's own file, or a new
+    one in a directory of the user's, and is never followed through a symlink at its end;
+    the daemon's own log directory gets a new file for each session.
+    """
+    if not path.is_absolute():
+        raise ValueError(f"the log path must be absolute: {path}")
+    if chosen and uid != os.geteuid():
+        target = path if path.exists() else path.parent
+        try:
+            owner = os.stat(os.path.realpath(target)).st_uid
+        except OSError as err:
+            raise ValueError(f"cannot use {path} for the log: {err.strerror}") from None
+        if owner != uid:
+            raise AccessDenied(f"{target} is not yours: the log must go to your own file or directory")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if chosen else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o640)
+    except OSError as err:
+        raise ValueError(f"cannot open the log {path}: {err.strerror}") from None
+    if uid != os.geteuid():
+        os.fchown(fd, uid, gid)
+    return fd
+
+
 class Launcher:
     def __init__(self, engine: Engine, exit_dir: Path, log_dir: Path) -> None:
         self.engine = engine
         self.exit_dir = exit_dir
         self.log_dir = log_dir
         self._wrappers: dict[int, subprocess.Popen[bytes]] = {}  # reaped when their pidfd is readable
+        self._waiting: set[asyncio.Task[int]] = set()
 
     async def launch(
         self, argv: list[str], *, cwd: str, env: dict[str, str], uid: int, gid: int, labels: dict[str, str],
         policy: Policy = "root", timeout_s: float | None = None, kill_on_timeout: bool = False, lock: bool = True,
-        force: bool = False,
+        force: bool = False, log: str | None = None, on_complete: str | None = None,
     ) -> Session:
         if not argv:
             raise ValueError("a command is needed")
@@ -55,7 +84,7 @@ class Launcher:
             await self.engine.reserve_lock(directory, session_id, uid)
         try:
             return await self._start(argv, directory, env, uid, gid, labels, policy, timeout_s, kill_on_timeout,
-                                     lock and not force, session_id)
+                                     lock and not force, session_id, log, on_complete)
         except BaseException:
             if lock and not force:
                 with contextlib.suppress(MonitorError):
@@ -65,15 +94,17 @@ class Launcher:
 
     async def _start(self, argv: list[str], directory: str, env: dict[str, str], uid: int, gid: int,
                      labels: dict[str, str], policy: Policy, timeout_s: float | None, kill_on_timeout: bool,
-                     lock: bool, session_id: str) -> Session:
+                     lock: bool, session_id: str, log: str | None, on_complete: str | None) -> Session:
         self.exit_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{session_id}.log"
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        log_path = Path(log) if log else self.log_dir / f"{session_id}.log"
+        log_fd = open_log(log_path, uid, gid, chosen=log is not None)
         wrapper = [sys.executable, "-m", "monitor.wrapper", "--exit-dir", str(self.exit_dir), "--id", session_id]
         if uid != os.geteuid():
-            os.fchown(log_fd, uid, gid)
             wrapper += ["--user", str(uid), "--group", str(gid)]
+        cgroup = cgroups.create(session_id)
+        if cgroup is not None:
+            wrapper += ["--cgroup", str(cgroup)]
         env = {**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the wrapper is ours, wherever it runs
         try:
             proc = subprocess.Popen([*wrapper, "--", *argv], cwd=directory, env=env, stdin=subprocess.DEVNULL,
@@ -91,7 +122,8 @@ class Launcher:
         return await self.engine.register(
             key, cwd=directory, argv=argv, labels=labels, policy=policy, timeout_s=timeout_s,
             kill_on_timeout=kill_on_timeout, lock=lock, exit_file=str(exit_file),
-            log_file=str(log_path), pgid=proc.pid, owner_uid=uid, session_id=session_id)
+            log_file=str(log_path), pgid=proc.pid, cgroup=str(cgroup) if cgroup else None, on_complete=on_complete,
+            owner_uid=uid, session_id=session_id)
 
     async def _started(self, proc: subprocess.Popen[bytes], session_id: str) -> ProcessKey:
         """The command's key, from the wrapper's start file."""
@@ -109,6 +141,11 @@ class Launcher:
     def _reap_later(self, proc: subprocess.Popen[bytes]) -> None:
         """The wrapper is our child: reap it when it ends (PID 1 may not), without a thread."""
         loop = asyncio.get_running_loop()
+        if sys.platform != "linux":  # no pidfds: a thread waits for it
+            task = loop.create_task(asyncio.to_thread(proc.wait))
+            self._waiting.add(task)
+            task.add_done_callback(self._waiting.discard)
+            return
         fd = os.pidfd_open(proc.pid)
         self._wrappers[fd] = proc
 

@@ -189,7 +189,8 @@ class Api:
             argv, cwd=param(params, "cwd", str, required=True), env=env, uid=peer.uid, gid=peer.gid, labels=labels,
             policy="tree" if param(params, "tree", bool, False) else "root", timeout_s=_seconds(params, "timeout_s"),
             kill_on_timeout=param(params, "kill_on_timeout", bool, False), lock=param(params, "lock", bool, True),
-            force=param(params, "force", bool, False))
+            force=param(params, "force", bool, False), log=param(params, "log", str, None),
+            on_complete=param(params, "on_complete", str, None))
         return session.public()
 
     async def list_sessions(self, peer: Peer, params: dict[str, Any]) -> Any:

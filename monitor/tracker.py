@@ -102,6 +102,8 @@ class Session:
     exit_file: str | None = None
     log_file: str | None = None
     pgid: int | None = None  # the process group a launch put it in: stop signals all of it
+    cgroup: str | None = None  # the cgroup v2 directory a launch put it in, where one was writable
+    on_complete: str | None = None  # a shell command run (as its owner) once it has stopped
     owner_uid: int | None = None
     state: Literal["running", "stopped"] = "running"
     timed_out_at: float | None = None  # monotonic

@@ -285,6 +285,7 @@ def test_a_launch_runs_as_the_user_who_asked(daemon: Daemon, public_dir: Path) -
     work.chmod(0o777)
     answers = _as_nobody(daemon.socket, [{"method": "session.launch", "params": {
         "argv": ["sh", "-c", "id -u > uid.txt"], "cwd": str(work), "env": {"PATH": os.environ["PATH"]}}}])
+    assert "result" in answers[0], answers
     session = answers[0]["result"]
     deadline = time.monotonic() + 10
     with daemon.client() as client:
@@ -319,3 +320,43 @@ def test_a_killed_wrapper_orphans_nothing_out_of_its_session(daemon: Daemon, tmp
             _reap_all()
             time.sleep(0.01)
         _subreaper(False)
+
+
+def test_on_complete_sees_the_real_status_and_a_log_file_of_ones_choosing(daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    log = tmp_path / "agent.log"
+    hook = "echo hook code=$MONITOR_EXIT_CODE signal=$MONITOR_SIGNAL reason=$MONITOR_REASON adapter=$MONITOR_LABEL_ADAPTER"
+    for script, expected in (("echo out; exit 7", "code=7 signal= reason=exited"), ("kill -9 $$", "code= signal=9 reason=exited")):
+        done = cli(daemon, "launch", "--wait", "--log", str(log), "--label", "adapter=demo", "--on-complete", hook,
+                   "--", "sh", "-c", script, cwd=work)
+        assert done.returncode in (7, 137), done.stderr
+        deadline = time.monotonic() + 10
+        while f"hook {expected}" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert f"hook {expected} adapter=demo" in log.read_text()
+    assert log.read_text().startswith("out\n")
+
+
+def test_a_launch_lives_in_its_own_cgroup_when_one_can_be_made(daemon: Daemon, tmp_path: Path) -> None:
+    from monitor import cgroups
+
+    mount = cgroups.cgroup2_mount()
+    if mount is None or not os.access(mount, os.W_OK):
+        pytest.skip("no writable cgroup v2 here")
+    work = tmp_path / "w"
+    work.mkdir()
+    started = cli(daemon, "launch", "--json", "--", "sh", "-c", "sleep 60 & sleep 60 & wait", cwd=work)
+    session = json.loads(started.stdout)
+    path = mount / "monitor" / session["id"]
+    deadline = time.monotonic() + 5
+    while len((path / "cgroup.procs").read_text().split()) < 3 and time.monotonic() < deadline:  # sh, 2 sleeps
+        time.sleep(0.02)
+    assert len((path / "cgroup.procs").read_text().split()) == 3  # the wrapper stays out, to reap and report
+    with daemon.client() as client:
+        stopped = client.call("session.stop", id=session["id"], signal="KILL")
+    assert (stopped["state"], stopped["signal"]) == ("stopped", 9)
+    deadline = time.monotonic() + 10
+    while path.exists() and time.monotonic() < deadline:  # every process died with it, and the cgroup went
+        time.sleep(0.05)
+    assert not path.exists()

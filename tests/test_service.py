@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import PYTHON, ROOT, Procs
+
 from monitor.config import ConfigError, load_config
 
 
