@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from monitor.client import Client, DaemonUnreachable
 from monitor.engine import AlreadyDead, Engine
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess, SourceFailed, SourceUnavailable
 from monitor.events import Event, Execed, Exited, Forked, Overrun, WaitStatus
@@ -27,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDenied",
     "AlreadyDead",
+    "Client",
+    "DaemonUnreachable",
     "Engine",
     "Event",
     "EventSource",
