@@ -334,7 +334,8 @@ class Server:
     async def _requests(self, peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout_s)
+                async with asyncio.timeout(self.idle_timeout_s):  # no task per request, unlike wait_for
+                    line = await reader.readuntil(b"\n")
             except TimeoutError:
                 return
             except asyncio.LimitOverrunError:
