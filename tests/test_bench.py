@@ -167,3 +167,86 @@ def test_engine_scale_numbers_are_sane(quick_engine: dict[str, Any]) -> None:
         # Restarted once more after they all stopped: nothing left running or locked.
         assert run["stopped_restart_sessions"] == run["stopped_restart_locks"] == 0, key
         assert run["stopped_restart_sessions_in_memory"] >= n, key
+
+
+# -- the daemon benchmark -------------------------------------------------------------------
+
+LAUNCH_COMMANDS = {"sh", "python", "python_version", "cli_version", "wrapper", "launch"}
+
+
+@pytest.fixture(scope="module")
+def quick_daemon(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench-daemon") / "latest.json"
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "--quick", "--only", "daemon", "--out", str(out), "--seed", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    for header in ("| server | clients | requests |", "| what | clients | ops |", "| command | n | p50 |"):
+        assert header in result.stdout  # the markdown tables
+    assert "### Daemon" in out.with_suffix(".md").read_text()
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+def test_daemon_only_the_requested_benchmark(quick_daemon: dict[str, Any]) -> None:
+    assert set(quick_daemon) == {"meta", "daemon"}
+    assert quick_daemon["meta"]["quick"] is True
+    daemon = quick_daemon["daemon"]
+    assert daemon["clients"] == quick_daemon["meta"]["sizes"]["daemon_clients"] > 1
+    assert daemon["daemon"]["exit_status"] == 0  # stopped by SIGTERM, cleanly, and reaped
+    assert daemon["daemon"]["source"] in ("netlink", "pidfd", "poll")
+
+
+def test_daemon_round_trips_are_sane(quick_daemon: dict[str, Any]) -> None:
+    sizes = quick_daemon["meta"]["sizes"]
+    rtt = quick_daemon["daemon"]["round_trip"]
+    k = quick_daemon["daemon"]["clients"]
+    assert set(rtt) == {"echo", "daemon"}
+    for server, by_clients in rtt.items():
+        assert set(by_clients) == {"1", str(k)}, server
+        for clients, r in by_clients.items():
+            assert r["n"] == sizes["daemon_rtt_n"] * int(clients), (server, clients)
+            assert 0 < r["p50_us"] <= r["p90_us"] <= r["p99_us"] <= r["max_us"], (server, clients)
+            assert r["requests_per_s"] > 0 and r["wall_s"] > 0, (server, clients)
+            assert r["server_cpu_us_per_request"] > 0, (server, clients)
+    for clients in ("1", str(k)):
+        mine = rtt["daemon"][clients]
+        assert mine["p50_vs_echo"] > 0 and mine["p99_vs_echo"] > 0 and mine["throughput_vs_echo"] > 0, clients
+
+
+def test_daemon_locks_are_sane(quick_daemon: dict[str, Any]) -> None:
+    locks = quick_daemon["daemon"]["locks"]
+    k = quick_daemon["daemon"]["clients"]
+    assert locks["locks_left"] == 0  # every acquire was released
+    sqlite = locks["sqlite_commit"]
+    assert sqlite["n"] > 0 and sqlite["commits_per_s"] > 0
+    assert 0 < sqlite["p50_us"] <= sqlite["p99_us"]
+    assert set(locks["runs"]) == {"1", str(k)}
+    for clients, run in locks["runs"].items():
+        assert run["clients"] == int(clients)
+        assert run["ops"] > 0 and run["ops"] % 2 == 0, clients  # acquire and release in pairs
+        assert run["ops"] == run["n"], clients
+        assert run["ops_per_s"] > 0 and run["server_cpu_us_per_op"] > 0, clients
+        assert 0 < run["p50_us"] <= run["p99_us"], clients
+        assert run["acquire"]["p50_us"] > 0 and run["release"]["p50_us"] > 0, clients
+        assert run["ops_vs_sqlite_commits"] > 0 and run["p50_vs_sqlite_commit"] > 0, clients
+
+
+def test_daemon_launch_numbers_are_sane(quick_daemon: dict[str, Any]) -> None:
+    n = quick_daemon["meta"]["sizes"]["daemon_launch_n"]
+    launch = quick_daemon["daemon"]["launch"]
+    commands = launch["commands"]
+    assert set(commands) == LAUNCH_COMMANDS
+    for name, c in commands.items():
+        assert c["n"] == n, name
+        assert 0 < c["p50_us"] <= c["p99_us"], name
+        assert c["p50_vs_sh"] > 0, name
+    assert commands["sh"]["p50_vs_sh"] == pytest.approx(1.0)
+    split = launch["split"]
+    # Every launch is found again among the daemon's sessions, stopped, with its stamps.
+    assert split["launch_sessions_matched"] == n
+    assert sum(split["launch_stopped_by"].values()) == n
+    parts = split["launch_parts_median_us"]
+    assert parts["spawn_to_registered_us"] > 0 and parts["stopped_to_reaped_us"] > 0
+    assert parts["registered_to_stopped_us"] >= 0
