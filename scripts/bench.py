@@ -1076,24 +1076,20 @@ def latency_methods(ctx: Ctx) -> list[LatencyMethod]:
     return methods
 
 
-def one_exit(ctx: Ctx, listener: Helper, method: LatencyMethod) -> dict[str, int] | None:
-    """Spawn a target, have the listener watch it, release it, reap it; time the exit.
-
-    The target is our child, not the listener's: the non-child case is what a
-    monitor of other people's processes faces. Returns None if no event came.
-    """
+def time_one_exit(ctx: Ctx, listener: Helper, arm: Callable[[int], None], answer: str,
+                  timeout_s: float) -> tuple[int, list[str]] | None:
+    """Spawn a target (our child, so that we reap it at once: a zombie still reads as alive to
+    kill(pid, 0)), let `arm(pid)` make the listener watch it, release it, and return its own
+    exit stamp with the words of the listener's "`answer` pid ..." line; None if none came."""
     target = subprocess.Popen([ctx.bins["target"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     try:
-        listener.send(f"W {target.pid}")
-        listener.expect(f"W {target.pid}", 10)
-        if method.poll_period_s:
-            time.sleep(ctx.rng.uniform(0, method.poll_period_s))  # else polls phase-lock (peers.md §3c)
+        arm(target.pid)
         assert target.stdin is not None and target.stdout is not None
         target.stdin.write(b"x")
-        target.wait()  # reap at once: a zombie still reads as alive to kill(pid, 0)
+        target.wait()
         (t_exit,) = struct.unpack("=q", target.stdout.read(8))
         try:
-            words = listener.expect(f"E {target.pid} ", method.timeout_s)
+            return t_exit, listener.expect(f"{answer} {target.pid} ", timeout_s)
         except BenchError:
             if listener.proc.poll() is not None:
                 raise
@@ -1105,6 +1101,24 @@ def one_exit(ctx: Ctx, listener: Helper, method: LatencyMethod) -> dict[str, int
         for pipe in (target.stdin, target.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+def one_exit(ctx: Ctx, listener: Helper, method: LatencyMethod) -> dict[str, int] | None:
+    """Spawn a target, have the listener watch it, release it, reap it; time the exit.
+
+    The target is our child, not the listener's: the non-child case is what a
+    monitor of other people's processes faces. Returns None if no event came.
+    """
+    def arm(pid: int) -> None:
+        listener.send(f"W {pid}")
+        listener.expect(f"W {pid}", 10)
+        if method.poll_period_s:
+            time.sleep(ctx.rng.uniform(0, method.poll_period_s))  # else polls phase-lock (peers.md §3c)
+
+    timed = time_one_exit(ctx, listener, arm, "E", method.timeout_s)
+    if timed is None:
+        return None
+    t_exit, words = timed
     sample = {"exit": t_exit, "consumer": int(words[2])}
     if len(words) > 3 and int(words[3]):
         sample["kernel"] = int(words[3])
@@ -1509,27 +1523,14 @@ def engine_exit(ctx: Ctx, engine: Helper, directory: Path) -> dict[str, int] | N
     """One session: a target (our child, not the engine's) attached with an auto lock on
     `directory` of its own, then released; the engine's stamps of its end. None if none came."""
     directory.mkdir(parents=True)
-    target = subprocess.Popen([ctx.bins["target"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    try:
-        engine.send(f"A {target.pid} {directory}")
-        engine.expect(f"A {target.pid}", 30)
-        assert target.stdin is not None and target.stdout is not None
-        target.stdin.write(b"x")
-        target.wait()
-        (t_exit,) = struct.unpack("=q", target.stdout.read(8))
-        try:
-            words = engine.expect(f"R {target.pid} ", 10)
-        except BenchError:
-            if engine.proc.poll() is not None:
-                raise
-            return None
-    finally:
-        if target.returncode is None:
-            target.kill()
-            target.wait()
-        for pipe in (target.stdin, target.stdout):
-            if pipe is not None:
-                pipe.close()
+    def arm(pid: int) -> None:
+        engine.send(f"A {pid} {directory}")
+        engine.expect(f"A {pid}", 30)
+
+    timed = time_one_exit(ctx, engine, arm, "R", 10)
+    if timed is None:
+        return None
+    t_exit, words = timed
     observed, kernel, memory, lock, stop = map(int, words[2:7])
     return {"exit": t_exit, "observed": observed, "kernel": kernel, "memory": memory, "lock": lock, "stop": stop}
 
