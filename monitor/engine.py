@@ -17,7 +17,7 @@ import logging
 import os
 import signal as signals
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +27,7 @@ from monitor.clock import Clock, SystemClock
 from monitor.errors import MonitorError
 from monitor.events import RELIST, Event, Exited, Forked, FuseFired, LockAcquired, LockReleased, Overrun, SessionStopped, Transition
 from monitor.fuses import DirFuse, FuseTable
-from monitor.hooks import run_hook
+from monitor.hooks import run_hook, run_shell
 from monitor.identity import ProcessKey, boot_id
 from monitor.locks import Lock, LockTable
 from monitor.sources import select_source
@@ -345,9 +345,11 @@ class Engine:
             if isinstance(transition, SessionStopped):
                 self._session_ended(self.tracker.sessions.get(transition.session_id))
             if isinstance(transition, FuseFired) and transition.action:
-                task = asyncio.get_running_loop().create_task(self._run_action(transition))
-                self._actions.add(task)
-                task.add_done_callback(self._actions.discard)
+                fuse = self.fuses.fuses.get(transition.directory)
+                # As whoever set it: a fuse set by a user never runs as the daemon's root.
+                self._background(run_shell(transition.action, what=f"fuse action for {transition.directory}",
+                                           cwd=transition.directory, uid=fuse.owner_uid if fuse else None,
+                                           timeout_s=FUSE_ACTION_TIMEOUT_S))
             for listener in self._listeners:
                 try:
                     listener(transition)
@@ -400,34 +402,19 @@ class Engine:
         if session.cgroup is not None:
             self._remove_cgroup(Path(session.cgroup), tries=50)
         if session.on_complete:
-            task = asyncio.get_running_loop().create_task(run_hook(session))
-            self._actions.add(task)
-            task.add_done_callback(self._actions.discard)
+            self._background(run_hook(session))
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Hooks and fuse actions: owned by the engine (cancelled at close), blocking nothing."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
 
     def _remove_cgroup(self, path: Path, tries: int) -> None:
         """An emptied cgroup can go; its last processes may take a moment to be reaped."""
         cgroups.remove(path)
         if path.exists() and tries > 0 and self._loop is not None:
             self._loop.call_later(0.1, self._remove_cgroup, path, tries - 1)
-
-    async def _run_action(self, fired: FuseFired) -> None:
-        """The fuse's action, in its directory, in a session of its own, bounded in time."""
-        assert fired.action is not None
-        try:
-            proc = await asyncio.create_subprocess_shell(
-                fired.action, cwd=fired.directory if os.path.isdir(fired.directory) else None,
-                stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
-        except OSError as err:
-            log.error("fuse action for %s could not start: %s", fired.directory, err)
-            return
-        try:
-            code = await asyncio.wait_for(proc.wait(), FUSE_ACTION_TIMEOUT_S)
-            log.info("fuse action for %s exited with %s", fired.directory, code)
-        except (TimeoutError, asyncio.CancelledError):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signals.SIGKILL)
-            await proc.wait()
-            raise
 
     def _watch(self, command: Watch) -> None:
         assert self.source is not None

@@ -41,30 +41,41 @@ def hook_environment(session: Session) -> dict[str, str]:
 async def run_hook(session: Session, timeout_s: float = HOOK_TIMEOUT_S) -> int | None:
     """Run the session's on-complete hook; its exit status, or None if it could not run or timed out."""
     assert session.on_complete
-    as_user = session.owner_uid is not None and session.owner_uid != os.geteuid()
-    output = os.open(session.log_file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC) if session.log_file else None
+    return await run_shell(session.on_complete, what=f"on-complete hook of session {session.id}", cwd=session.cwd,
+                           env=hook_environment(session), uid=session.owner_uid, log_file=session.log_file,
+                           timeout_s=timeout_s)
+
+
+async def run_shell(command: str, *, what: str, cwd: str, uid: int | None, timeout_s: float,
+                    env: dict[str, str] | None = None, log_file: str | None = None) -> int | None:
+    """A user's shell command (a hook, a fuse action): as that user when it is not us, in `cwd`,
+    in a process group of its own that is killed at `timeout_s`, output appended to `log_file`.
+    Its exit status, or None when it could not run or timed out; failures are logged, not raised."""
+    as_user = uid is not None and uid != os.geteuid()
+    output = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC) if log_file else None
     try:
         proc = await asyncio.create_subprocess_shell(
-            session.on_complete, cwd=session.cwd if os.path.isdir(session.cwd) else None, env=hook_environment(session),
-            stdin=asyncio.subprocess.DEVNULL, stdout=output if output is not None else asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            user=session.owner_uid if as_user else None, group=_gid(session.owner_uid) if as_user else None)
+            command, cwd=cwd if os.path.isdir(cwd) else None, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=output if output is not None else asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True, user=uid if as_user else None, group=_gid(uid) if as_user else None)
     except OSError as err:
-        log.error("on-complete hook of session %s could not run: %s", session.id, err)
+        log.error("%s could not run: %s", what, err)
         return None
     finally:
         if output is not None:
             os.close(output)
     try:
         code = await asyncio.wait_for(proc.wait(), timeout_s)
-    except (TimeoutError, asyncio.CancelledError):
+    except (TimeoutError, asyncio.CancelledError) as err:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
-        log.error("on-complete hook of session %s killed at its %gs timeout", session.id, timeout_s)
+        if isinstance(err, asyncio.CancelledError):
+            raise
+        log.error("%s killed at its %gs timeout", what, timeout_s)
         return None
     if code != 0:
-        log.warning("on-complete hook of session %s exited with %s", session.id, code)
+        log.warning("%s exited with %s", what, code)
     return code
 
 

@@ -360,3 +360,19 @@ def test_a_launch_lives_in_its_own_cgroup_when_one_can_be_made(daemon: Daemon, t
     while path.exists() and time.monotonic() < deadline:  # every process died with it, and the cgroup went
         time.sleep(0.05)
     assert not path.exists()
+
+
+def test_a_users_fuse_action_runs_as_that_user_not_as_the_daemon(daemon: Daemon, public_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as a second uid")
+    work = public_dir / "idle"
+    work.mkdir()
+    work.chmod(0o777)
+    answers = _as_nobody(daemon.socket, [{"method": "fuse.set", "params": {
+        "directory": str(work), "ttl_s": 0.2, "action": "id -u > fired-by.txt"}}])
+    assert answers[0]["result"]["state"] == "armed"  # no session runs there: armed at once
+    fired = work / "fired-by.txt"
+    deadline = time.monotonic() + 10
+    while not (fired.exists() and fired.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fired.read_text().strip() == str(NOBODY)
