@@ -3,9 +3,12 @@
 One writer. A transition and everything it implies (the session's row, its lock
 releases, its fuse, the outbox rows for its notifications) commit in one
 transaction with synchronous=FULL before any side effect runs, so kill -9 at any
-instant leaves either all of it or none. Outbox rows carry stable ids, so
-delivery can be at-least-once and deduplicated downstream; a session has at most
-one `session.stopped` row, by a unique index.
+instant leaves either all of it or none. Outbox rows are the daemon's event log:
+each has a sequence number (the cursor a subscriber resumes from) and a stable id
+(the webhook-id of every delivery attempt), so delivery can be at-least-once and
+deduplicated downstream; a session has at most one `session.stopped` row, by a
+unique index. Webhook delivery keeps its progress in tables of its own, written
+by its own connection (`DeliveryStore`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,47 @@ MIGRATIONS = [
     UPDATE sessions SET stopped_at = json_extract(data, '$.stopped_at');
     CREATE INDEX sessions_by_stop ON sessions(stopped_at);
     """,
+    # 3: webhook delivery: each endpoint's cursor in the outbox, and each event's delivery to it
+    """
+    CREATE TABLE webhook_endpoints (name TEXT PRIMARY KEY, cursor INTEGER NOT NULL, disabled_at REAL, disabled_reason TEXT);
+    CREATE TABLE webhook_deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        endpoint TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        next_at REAL,
+        last_status INTEGER,
+        last_error TEXT,
+        updated_at REAL NOT NULL,
+        UNIQUE (endpoint, seq)
+    );
+    CREATE INDEX webhook_deliveries_pending ON webhook_deliveries(endpoint) WHERE state = 'pending';
+    CREATE INDEX outbox_by_time ON outbox(created_at);
+    """,
 ]
+
+
+@dataclass(slots=True)
+class Record:
+    """One event of the log, as committed: `seq` orders it (set by the commit), `id` names
+    it for good (a webhook's `webhook-id`), `payload` is what it says."""
+
+    id: str
+    type: str
+    subject: str
+    payload: dict[str, Any]
+    created_at: float
+    seq: int | None = None
+    body: str = ""  # the payload as JSON, made once
+
+    def __post_init__(self) -> None:
+        if not self.body:
+            self.body = json.dumps(self.payload, separators=(",", ":"))
+
+    def public(self) -> dict[str, Any]:
+        """The event as subscribers see it: its id (the cursor), message id, time, and payload."""
+        return {"id": self.seq, "msg_id": self.id, "at": self.created_at, **self.payload}
 
 
 @dataclass
@@ -54,7 +97,7 @@ class Batch:
     sessions: dict[str, tuple[str, float | None, str]] = field(default_factory=dict)  # id -> (state, stopped_at, json)
     locks: dict[str, str | None] = field(default_factory=dict)  # directory -> json, None: delete
     fuses: dict[str, str | None] = field(default_factory=dict)
-    outbox: list[tuple[str, str, str, str, float]] = field(default_factory=list)  # id, type, subject, payload, at
+    outbox: list[Record] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.sessions or self.locks or self.fuses or self.outbox)
@@ -66,10 +109,10 @@ class Batch:
         self.fuses.update(later.fuses)
         self.outbox += later.outbox
 
-    def add_transition(self, payload: dict[str, Any], subject: str, at: float) -> str:
-        row_id = uuid.uuid4().hex
-        self.outbox.append((row_id, payload["type"], subject, json.dumps(payload), at))
-        return row_id
+    def add_transition(self, payload: dict[str, Any], subject: str, at: float) -> Record:
+        record = Record(uuid.uuid4().hex, payload["type"], subject, payload, at)
+        self.outbox.append(record)
+        return record
 
 
 class Store:
@@ -78,11 +121,8 @@ class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db = connect(self.path, synchronous="FULL")
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
             self.migrate()
         except BaseException:
             self._db.close()
@@ -128,20 +168,146 @@ class Store:
                 db.executemany(f"INSERT INTO {table}(directory, data) VALUES (?, ?) "
                                "ON CONFLICT(directory) DO UPDATE SET data = excluded.data",
                                [(d, v) for d, v in rows.items() if v is not None])
-            for row in batch.outbox:
-                cursor = db.execute("INSERT OR IGNORE INTO outbox(id, type, subject, payload, created_at) VALUES (?, ?, ?, ?, ?)", row)
+            for record in batch.outbox:
+                cursor = db.execute("INSERT OR IGNORE INTO outbox(id, type, subject, payload, created_at) VALUES (?, ?, ?, ?, ?)",
+                                    (record.id, record.type, record.subject, record.body, record.created_at))
                 if cursor.rowcount == 0:
-                    log.error("refused a second %s for %s: a transition would have been duplicated", row[1], row[2])
+                    log.error("refused a second %s for %s: a transition would have been duplicated", record.type, record.subject)
+                else:
+                    record.seq = cursor.lastrowid
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            for record in batch.outbox:
+                record.seq = None
+            raise
+
+    def outbox(self, since: int = 0, limit: int = 1000) -> list[Record]:
+        """The event log after `since`, in order."""
+        return outbox_after(self._db, since, limit)
+
+    def last_seq(self) -> int:
+        return int(self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+
+    def prune(self, before: float) -> int:
+        """Forget events (and their deliveries) older than `before` (wall); how many went."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM webhook_deliveries WHERE seq IN (SELECT seq FROM outbox WHERE created_at < ?)", (before,))
+            gone = db.execute("DELETE FROM outbox WHERE created_at < ?", (before,)).rowcount
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-
-    def outbox(self, since: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = self._db.execute("SELECT seq, id, type, subject, payload, created_at, delivered_at FROM outbox "
-                                "WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit))
-        return [{"seq": seq, "id": rid, "type": t, "subject": s, "payload": json.loads(p), "created_at": c, "delivered_at": d}
-                for seq, rid, t, s, p, c, d in rows]
+        return int(gone)
 
     def integrity_check(self) -> str:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute("PRAGMA busy_timeout=5000")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def outbox_after(db: sqlite3.Connection, since: int, limit: int, *, where: str = "", args: tuple[Any, ...] = ()) -> list[Record]:
+    rows = db.execute(f"SELECT seq, id, type, subject, payload, created_at FROM outbox o WHERE seq > ? {where} ORDER BY seq LIMIT ?",
+                      (since, *args, limit))
+    return [Record(rid, t, s, json.loads(p), c, seq, p) for seq, rid, t, s, p, c in rows]
+
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event's delivery to one endpoint, as stored: pending (with its next attempt),
+    delivered, or failed (given up)."""
+
+    endpoint: str
+    seq: int
+    state: str
+    attempts: int
+    next_at: float | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+    updated_at: float = 0.0
+    id: int | None = None  # the row's, once stored: what `monitor webhooks --retry` takes
+
+
+class DeliveryStore:
+    """Webhook delivery's own connection to the state file. Its writes are progress, not
+    truth: synchronous=NORMAL, since a row lost to a power cut only means an event is
+    sent once more, with the same id. Not thread-safe: one worker thread calls it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._db = connect(Path(path), synchronous="NORMAL")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def endpoints(self) -> dict[str, tuple[int, float | None, str | None]]:
+        """name -> (cursor, disabled_at, disabled_reason)."""
+        rows = self._db.execute("SELECT name, cursor, disabled_at, disabled_reason FROM webhook_endpoints")
+        return {name: (cursor, at, reason) for name, cursor, at, reason in rows}
+
+    def add_endpoint(self, name: str, cursor: int) -> None:
+        self._db.execute("INSERT OR IGNORE INTO webhook_endpoints(name, cursor) VALUES (?, ?)", (name, cursor))
+
+    def last_seq(self) -> int:
+        return int(self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+
+    def pending(self, endpoint: str) -> list[Delivery]:
+        return self._select("WHERE endpoint = ? AND state = 'pending' ORDER BY next_at", (endpoint,))
+
+    def deliveries(self, *, failed_only: bool = False, limit: int = 100) -> list[Delivery]:
+        where = "WHERE state = 'failed'" if failed_only else ""
+        return self._select(f"{where} ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
+
+    def delivery(self, delivery_id: int) -> Delivery | None:
+        found = self._select("WHERE id = ?", (delivery_id,))
+        return found[0] if found else None
+
+    def _select(self, tail: str, args: tuple[Any, ...]) -> list[Delivery]:
+        rows = self._db.execute("SELECT endpoint, seq, state, attempts, next_at, last_status, last_error, updated_at, id "
+                                f"FROM webhook_deliveries {tail}", args)
+        return [Delivery(*row) for row in rows]
+
+    def undelivered(self, endpoint: str, since: int, types: frozenset[str] | None, limit: int = 1000) -> list[Record]:
+        """Events after `since` of the endpoint's types that it has no delivery row for."""
+        where = "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.endpoint = ? AND d.seq = o.seq)"
+        args: tuple[Any, ...] = (endpoint,)
+        if types is not None:
+            where += f" AND type IN ({', '.join('?' * len(types))})"
+            args += tuple(sorted(types))
+        return outbox_after(self._db, since, limit, where=where, args=args)
+
+    def record(self, seq: int) -> Record | None:
+        found = outbox_after(self._db, seq - 1, 1)
+        return found[0] if found and found[0].seq == seq else None
+
+    def save(self, deliveries: list[Delivery], cursors: dict[str, int], disabled: dict[str, tuple[float, str] | None]) -> None:
+        """Outcomes, cursors and endpoint states in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO webhook_deliveries(endpoint, seq, state, attempts, next_at, last_status, last_error, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(endpoint, seq) DO UPDATE SET state = excluded.state, "
+                "attempts = excluded.attempts, next_at = excluded.next_at, last_status = excluded.last_status, "
+                "last_error = excluded.last_error, updated_at = excluded.updated_at",
+                [(d.endpoint, d.seq, d.state, d.attempts, d.next_at, d.last_status, d.last_error, d.updated_at) for d in deliveries])
+            db.executemany("UPDATE webhook_endpoints SET cursor = max(cursor, ?) WHERE name = ?",
+                           [(cursor, name) for name, cursor in cursors.items()])
+            db.executemany("UPDATE webhook_endpoints SET disabled_at = ?, disabled_reason = ? WHERE name = ?",
+                           [(*(state or (None, None)), name) for name, state in disabled.items()])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise

@@ -332,7 +332,7 @@ def test_stopped_sessions_are_forgotten_after_their_retention_but_kept_in_the_st
     async def second(r: Rig) -> None:
         assert r.engine.sessions(include_stopped=True) == []  # not loaded: older than a day
         assert r.engine._store is not None
-        rows = await r.engine._run(r.engine._store.outbox)
-        assert [row["subject"] for row in rows if row["type"] == "session.stopped"] == ids
+        rows = await r.engine.records()
+        assert [row.subject for row in rows if row.type == "session.stopped"] == ids
 
     run(tmp_path, second, clock=clock)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.store import MIGRATIONS, Batch, Store
+from monitor.store import MIGRATIONS, Batch, Record, Store
 
 
 def _v1(path: Path) -> None:
@@ -60,7 +60,7 @@ def test_a_second_stop_row_for_a_session_is_refused(tmp_path: Path, caplog: pyte
             with caplog.at_level(logging.ERROR):
                 store.commit(batch)
         rows = store.outbox()
-        assert [(r["type"], r["payload"]["reason"]) for r in rows] == [("session.stopped", "exited")]
+        assert [(r.type, r.payload["reason"], r.seq) for r in rows] == [("session.stopped", "exited", 1)]
         assert "refused a second session.stopped for abc" in caplog.text
     finally:
         store.close()
@@ -72,18 +72,19 @@ def test_a_batch_commits_whole_or_not_at_all(tmp_path: Path) -> None:
         batch = Batch()
         batch.sessions["s1"] = ("running", None, "{}")
         batch.locks["/x"] = "{}"
-        batch.outbox.append(("same-id", "lock.acquired", "/x", "{}", 1.0))
-        batch.outbox.append(("same-id", "lock.acquired", "/x", "{}", 1.0))  # a clash inside the batch is ignored
+        batch.outbox.append(Record("same-id", "lock.acquired", "/x", {}, 1.0))
+        batch.outbox.append(Record("same-id", "lock.acquired", "/x", {}, 1.0))  # a clash inside the batch is ignored
         store.commit(batch)
         broken = Batch()
         broken.sessions["s2"] = ("running", None, "{}")
         broken.locks["/y"] = None
         broken.fuses["/z"] = "{}"
-        broken.outbox.append(("id2", "x", "y", "{}", 1.0))
+        broken.outbox.append(Record("id2", "x", "y", {}, 1.0))
         store._db.execute("DROP TABLE fuses")  # the transaction fails halfway
         with pytest.raises(sqlite3.OperationalError):
             store.commit(broken)
         assert [r[0] for r in store._db.execute("SELECT id FROM sessions")] == ["s1"]
         assert len(store.outbox()) == 1
+        assert [r.seq for r in broken.outbox] == [None]  # a rolled-back record has no place in the log
     finally:
         store.close()
