@@ -1,7 +1,8 @@
 """The engine: a source's events through the tracker, locks and fuses into the store.
 
     kernel -> source -> Engine._on_event -> tracker / locks / fuses -> Store (one
-    transaction) -> commands (signals, fuse actions) and transition listeners
+    transaction) -> commands (signals, fuse actions, hooks) and listeners (the
+    transitions; the committed event records, with their ids)
 
 Thin by design: the decisions are the pure state machines'; the engine feeds them
 events and the time, commits what they decide, and only then acts. Every method is
@@ -12,28 +13,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal as signals
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from monitor import cgroups
 from monitor.clock import Clock, SystemClock
 from monitor.errors import MonitorError
-from monitor.events import RELIST, Event, Exited, Forked, FuseFired, LockAcquired, LockReleased, Overrun, SessionStopped, Transition
+from monitor.events import (
+    RELIST,
+    Event,
+    Exited,
+    Forked,
+    FuseFired,
+    HookFailed,
+    LockAcquired,
+    LockReleased,
+    Overrun,
+    SessionStarted,
+    SessionStopped,
+    Transition,
+)
 from monitor.fuses import DirFuse, FuseTable
-from monitor.hooks import run_hook, run_shell
+from monitor.hooks import HOOK_TIMEOUT_S, run_hook, run_shell
 from monitor.identity import ProcessKey, boot_id
 from monitor.locks import Lock, LockTable
 from monitor.sources import select_source
 from monitor.sources.base import EventSource
 from monitor.sources.inotify import ExitFileSource, read_exit_file
-from monitor.store import Batch, Store
+from monitor.store import Batch, Record, Store
 from monitor.tracker import Policy, Session, Signal, Step, Tracker, Watch, new_session_id
 
 log = logging.getLogger(__name__)
@@ -41,7 +57,21 @@ T = TypeVar("T")
 
 DEFAULT_RELIST_INTERVAL_S = 30.0
 DEFAULT_RETAIN_STOPPED_S = 24 * 3600.0
+DEFAULT_RETAIN_EVENTS_S = 7 * 24 * 3600.0
+PRUNE_INTERVAL_S = 3600.0
 FUSE_ACTION_TIMEOUT_S = 120.0
+HOOKS_AT_ONCE = 64  # a burst of stops runs its hooks this many at a time
+
+
+class Observer(Protocol):
+    """What the engine reports as it goes (`monitor.metrics.Metrics` is one)."""
+
+    def exit_to_stop(self, seconds: float) -> None:
+        """From a process's exit (the kernel's time, else when it was seen) to its session's
+        stop committed and acted on."""
+
+    def hook_run(self, hook: str, outcome: str) -> None:
+        """A hook ended: ok, failed, timeout or error."""
 
 
 class AlreadyDead(MonitorError):
@@ -102,6 +132,10 @@ class Engine:
         relist_interval_s: float = DEFAULT_RELIST_INTERVAL_S,
         child_grace_s: float = 5.0,
         retain_stopped_s: float = DEFAULT_RETAIN_STOPPED_S,
+        retain_events_s: float = DEFAULT_RETAIN_EVENTS_S,
+        hooks: dict[str, str] | None = None,
+        hook_timeout_s: float = HOOK_TIMEOUT_S,
+        observer: Observer | None = None,
         timers: bool = True,
     ) -> None:
         self.state_path = Path(state_path)
@@ -113,6 +147,10 @@ class Engine:
         self.relist_interval_s = relist_interval_s
         # Stopped sessions stay in memory (and are loaded at start) this long; the store keeps all.
         self.retain_stopped_s = retain_stopped_s
+        self.retain_events_s = retain_events_s  # the event log (outbox) is kept this long
+        self.hooks = dict(hooks or {})  # on_start / on_complete for every session (the config's)
+        self.hook_timeout_s = hook_timeout_s
+        self.observer = observer
         self.tracker = Tracker(child_grace_s=child_grace_s)
         self.locks = LockTable()
         self.boot_id = boot_id()
@@ -126,6 +164,10 @@ class Engine:
         self._timers = timers
         self._buffer: list[Event] | None = []
         self._listeners: list[Callable[[Transition], None]] = []
+        self._record_listeners: list[Callable[[Record], None]] = []
+        self._hook_slots: asyncio.Semaphore | None = None
+        self._hook_chains: dict[str, asyncio.Task[Any]] = {}  # a session's hooks run one after another
+        self._next_prune = 0.0
         self._wake: asyncio.Event | None = None
         self._next_relist = 0.0
         self._actions: set[asyncio.Task[Any]] = set()
@@ -147,6 +189,7 @@ class Engine:
         loop = self._loop = asyncio.get_running_loop()
         self._commits = asyncio.Queue()
         self._wake = asyncio.Event()
+        self._hook_slots = asyncio.Semaphore(HOOKS_AT_ONCE)
         if isinstance(self._source_arg, EventSource):
             self.source = self._source_arg
             await self.source.start()
@@ -227,7 +270,7 @@ class Engine:
         self._fill(batch, step)
         if batch:
             await self._run(self._store.commit, batch)  # type: ignore[union-attr]
-            self._act(step)
+            self._act(step, batch.outbox)
 
     def _exit_file_status(self, session: Session) -> Exited | None:
         if session.exit_file and os.path.exists(session.exit_file):
@@ -253,6 +296,7 @@ class Engine:
             # The lock goes first: released the moment its owner's exit is known.
             step = Step(self.locks.release_owner(event.key, event.source))
             step.extend(self.tracker.on_exited(event, now, wall))
+            step.cause_ns = event.kernel_ts_ns or event.observed_ns or None
         elif isinstance(event, Forked):
             step = self.tracker.on_forked(event)
             if step.changed_sessions:
@@ -289,11 +333,23 @@ class Engine:
             if isinstance(transition, (LockAcquired, LockReleased)):
                 lock = self.locks.locks.get(transition.directory)
                 batch.locks[transition.directory] = _json(lock.to_dict()) if lock else None
-            batch.add_transition(transition.to_dict(), transition.subject, wall)
+            batch.add_transition(self._payload(transition), transition.subject, wall)
         for directory in self._dirty_fuses:
             fuse = self.fuses.fuses.get(directory)
             batch.fuses[directory] = _json(fuse.to_dict()) if fuse else None
         self._dirty_fuses = set()
+
+    def _payload(self, transition: Transition) -> dict[str, Any]:
+        """A transition as its event record says it: with its session's directory, PID and
+        labels, so a subscriber or webhook needs nothing else (the session may be long gone)."""
+        data = transition.to_dict()
+        session = self.tracker.sessions.get(data.get("session_id") or "")
+        if session is not None:
+            data.setdefault("cwd", session.cwd)
+            data.update(pid=session.key.pid, labels=session.labels)
+            if isinstance(transition, SessionStopped):
+                data.update(argv=session.argv, started_at=session.started_at, stopped_at=session.stopped_at)
+        return data
 
     def _submit(self, step: Step, *, always: bool = False) -> asyncio.Future[None] | None:
         """Queue a step's rows for one transaction; its commands run once it is committed.
@@ -329,19 +385,21 @@ class Engine:
                     if done is not None and not done.done():
                         done.set_exception(err)
             else:
-                for _batch, step, done in work:
+                for batch, step, done in work:
                     if done is not None and not done.done():
                         done.set_result(None)
-                    self._act(step)
+                    self._act(step, batch.outbox)
             if closing:
                 return  # everything queued before the close was written
 
-    def _act(self, step: Step) -> None:
-        """After the commit: signals, fuse actions, and the transition listeners."""
+    def _act(self, step: Step, records: list[Record]) -> None:
+        """After the commit: signals, hooks, fuse actions, then the listeners."""
         for command in step.commands:
             if isinstance(command, Signal):
                 self._signal(command)
         for transition in step.transitions:
+            if isinstance(transition, SessionStarted):
+                self._run_hooks(self.tracker.sessions.get(transition.session_id), "on_start")
             if isinstance(transition, SessionStopped):
                 self._session_ended(self.tracker.sessions.get(transition.session_id))
             if isinstance(transition, FuseFired) and transition.action:
@@ -355,6 +413,16 @@ class Engine:
                     listener(transition)
                 except Exception:
                     log.exception("a transition listener failed")
+        for record in records:
+            if record.seq is None:
+                continue  # refused by the store (a second stop): nothing happened
+            for record_listener in self._record_listeners:
+                try:
+                    record_listener(record)
+                except Exception:
+                    log.exception("an event listener failed")
+        if step.cause_ns is not None and self.observer is not None and any(isinstance(t, SessionStopped) for t in step.transitions):
+            self.observer.exit_to_stop((time.monotonic_ns() - step.cause_ns) / 1e9)
 
     def _signal(self, command: Signal) -> None:
         """Signal the session's process group (it leads one when launched) or the process;
@@ -396,19 +464,47 @@ class Engine:
             os.close(fd)
 
     def _session_ended(self, session: Session | None) -> None:
-        """After a stop is committed: its cgroup goes, and its on-complete hook runs."""
+        """After a stop is committed: its cgroup goes, and its on-complete hooks run."""
         if session is None:
             return
         if session.cgroup is not None:
             self._remove_cgroup(Path(session.cgroup), tries=50)
-        if session.on_complete:
-            self._background(run_hook(session))
+        self._run_hooks(session, "on_complete")
 
-    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+    def _run_hooks(self, session: Session | None, when: str) -> None:
+        """The config's hook for `when`, then the session's own, after any still running for it."""
+        if session is None:
+            return
+        commands = [(f"config.{when}", self.hooks.get(when)), (when, getattr(session, when))]
+        for hook, command in commands:
+            if command:
+                previous = self._hook_chains.get(session.id)
+                task = self._background(self._hook(session, hook, command, previous))
+                self._hook_chains[session.id] = task
+                task.add_done_callback(functools.partial(self._hook_done, session.id))
+
+    def _hook_done(self, session_id: str, task: asyncio.Task[Any]) -> None:
+        if self._hook_chains.get(session_id) is task:
+            del self._hook_chains[session_id]
+
+    async def _hook(self, session: Session, hook: str, command: str, after: asyncio.Task[Any] | None) -> None:
+        if after is not None:
+            await asyncio.wait([after])
+        assert self._hook_slots is not None
+        async with self._hook_slots:
+            outcome = await run_hook(session, hook, command, self.hook_timeout_s)
+        if self.observer is not None:
+            self.observer.hook_run(hook, outcome.kind)
+        if not outcome.ok:
+            self._submit(Step([HookFailed(session.id, hook, outcome.exit_code, outcome.signal, outcome.error)]))
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Hooks and fuse actions: owned by the engine (cancelled at close), blocking nothing."""
-        task = asyncio.get_running_loop().create_task(work)
+        assert self._loop is not None
+        task = self._loop.create_task(work)  # also from outside the loop's callbacks (tests step it by hand)
         self._actions.add(task)
         task.add_done_callback(self._actions.discard)
+        return task
 
     def _remove_cgroup(self, path: Path, tries: int) -> None:
         """An emptied cgroup can go; its last processes may take a moment to be reaped."""
@@ -432,12 +528,21 @@ class Engine:
         """Apply everything due now: timeouts, KILLs after a grace, child graces, fuses."""
         now, wall = self.clock.monotonic(), self.clock.wall()
         self.tracker.forget_stopped(before=wall - self.retain_stopped_s)
+        if now >= self._next_prune and self._store is not None:
+            self._next_prune = now + PRUNE_INTERVAL_S
+            self._background(self._prune(wall - self.retain_events_s))
         step = self.tracker.tick(now, wall, self._alive)
         for fired in self.fuses.tick(now):
             step.transitions.append(fired)
             self._dirty_fuses.add(fired.directory)
         self._after_stops(step, now, wall)
         self._submit(step)
+
+    async def _prune(self, before: float) -> None:
+        assert self._store is not None
+        gone = await self._run(self._store.prune, before)
+        if gone:
+            log.info("forgot %d events older than %gs", gone, self.retain_events_s)
 
     def relist(self) -> None:
         """Verify every watched key now: the source reports the dead (positive evidence)."""
@@ -465,6 +570,20 @@ class Engine:
         """Called with every transition once it is committed, in order."""
         self._listeners.append(listener)
 
+    def add_record_listener(self, listener: Callable[[Record], None]) -> None:
+        """Called with every committed event record (its `seq` set), in order of `seq`;
+        after the transition listeners. It must be quick: it runs on the engine's path."""
+        self._record_listeners.append(listener)
+
+    async def last_event_id(self) -> int:
+        assert self._store is not None
+        return await self._run(self._store.last_seq)
+
+    async def records(self, since: int = 0, limit: int = 1000) -> list[Record]:
+        """The event log after `since` (an event id), from the store, in order."""
+        assert self._store is not None
+        return await self._run(self._store.outbox, since, limit)
+
     async def attach(self, pid: int, **options: Any) -> Session:
         """Follow a running process as a session; its identity is taken now."""
         key = ProcessKey.of(pid)  # NoSuchProcess when there is none
@@ -486,6 +605,7 @@ class Engine:
         log_file: str | None = None,
         pgid: int | None = None,
         cgroup: str | None = None,
+        on_start: str | None = None,
         on_complete: str | None = None,
         owner_uid: int | None = None,
         session_id: str | None = None,
@@ -508,7 +628,8 @@ class Engine:
             argv=argv if argv is not None else process_argv(key.pid), labels=dict(labels or {}), policy=policy,
             started_at=wall, started_mono=now, timeout_s=timeout_s,
             deadline=now + timeout_s if timeout_s is not None else None, kill_on_timeout=kill_on_timeout,
-            exit_file=exit_file, log_file=log_file, pgid=pgid, cgroup=cgroup, on_complete=on_complete, owner_uid=owner_uid,
+            exit_file=exit_file, log_file=log_file, pgid=pgid, cgroup=cgroup, on_start=on_start, on_complete=on_complete,
+            owner_uid=owner_uid,
         )
         step = Step()
         if lock and not force:

@@ -280,3 +280,24 @@ class FuseFired(Transition):
     @property
     def subject(self) -> str:
         return f"{self.directory}@{self.armed_at}"
+
+
+@dataclass(frozen=True, slots=True)
+class HookFailed(Transition):
+    """A session's hook (on_start, on_complete, or the config's) did not succeed: it exited
+    non-zero (exit_code / signal), was killed at its timeout, or could not run (error)."""
+
+    type: ClassVar[str] = "hook.failed"
+    session_id: str
+    hook: str
+    exit_code: int | None
+    signal: int | None
+    error: str | None
+
+    @property
+    def subject(self) -> str:
+        return f"{self.session_id}/{self.hook}"
+
+
+TRANSITION_TYPES = tuple(cls.type for cls in (SessionStarted, SessionStopped, SessionTimedOut, ChildExited, ChildUnobservable,
+                                               LockAcquired, LockReleased, FuseFired, HookFailed))

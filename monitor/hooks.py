@@ -1,9 +1,11 @@
-"""Hooks: a session's --on-complete command, run once it has stopped, with its real status.
+"""Hooks: shell commands run when a session starts or stops, with its real status.
 
-Run as the session's owner, in its directory, with MONITOR_SESSION_ID, MONITOR_CWD,
+A session's own (`--on-start`, `--on-complete`) and the config's global ones run as
+the session's owner, in its directory, with MONITOR_SESSION_ID, MONITOR_CWD,
 MONITOR_EXIT_CODE, MONITOR_SIGNAL, MONITOR_REASON, MONITOR_DURATION_S and each label
-as MONITOR_LABEL_<KEY>; its output goes to the session's log; it is killed at its
-timeout; a failure is logged and blocks nothing.
+as MONITOR_LABEL_<KEY>. Output goes to the session's log (the daemon's log when it
+has none); a hook is killed at its timeout; the outcome is returned, never raised,
+so a failing hook blocks nothing and the engine records it as an event.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import re
 import signal
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,6 +24,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HOOK_TIMEOUT_S = 300.0
+OUTPUT_LOGGED_BYTES = 64 * 1024  # of a hook with no session log, this much reaches the daemon's log
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a command ended: its exit code or the signal that killed it, or why it never ran
+    (error), or that it was killed at its timeout."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    error: str | None = None
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def kind(self) -> str:
+        return "ok" if self.ok else "timeout" if self.timed_out else "error" if self.error else "failed"
 
 
 def hook_environment(session: Session) -> dict[str, str]:
@@ -28,42 +51,47 @@ def hook_environment(session: Session) -> dict[str, str]:
     env.update({
         "MONITOR_SESSION_ID": session.id,
         "MONITOR_CWD": session.cwd,
+        "MONITOR_PID": str(session.key.pid),
         "MONITOR_EXIT_CODE": "" if session.exit_code is None else str(session.exit_code),
         "MONITOR_SIGNAL": "" if session.signal is None else str(session.signal),
         "MONITOR_REASON": session.reason or "",
-        "MONITOR_DURATION_S": f"{session.duration_s or 0.0:.3f}",
+        "MONITOR_DURATION_S": "" if session.duration_s is None else f"{session.duration_s:.3f}",
     })
     for key, value in session.labels.items():
         env["MONITOR_LABEL_" + re.sub(r"[^A-Za-z0-9_]", "_", key).upper()] = value
     return env
 
 
-async def run_hook(session: Session, timeout_s: float = HOOK_TIMEOUT_S) -> int | None:
-    """Run the session's on-complete hook; its exit status, or None if it could not run or timed out."""
-    assert session.on_complete
-    return await run_shell(session.on_complete, what=f"on-complete hook of session {session.id}", cwd=session.cwd,
+async def run_hook(session: Session, hook: str, command: str, timeout_s: float = HOOK_TIMEOUT_S) -> Outcome:
+    """Run one of the session's hooks (`hook` names it: on_start, on_complete, ...)."""
+    return await run_shell(command, what=f"{hook} hook of session {session.id}", cwd=session.cwd,
                            env=hook_environment(session), uid=session.owner_uid, log_file=session.log_file,
                            timeout_s=timeout_s)
 
 
 async def run_shell(command: str, *, what: str, cwd: str, uid: int | None, timeout_s: float,
-                    env: dict[str, str] | None = None, log_file: str | None = None) -> int | None:
+                    env: dict[str, str] | None = None, log_file: str | None = None) -> Outcome:
     """A user's shell command (a hook, a fuse action): as that user when it is not us, in `cwd`,
-    in a process group of its own that is killed at `timeout_s`, output appended to `log_file`.
-    Its exit status, or None when it could not run or timed out; failures are logged, not raised."""
+    in a process group of its own that is killed at `timeout_s`, output appended to `log_file`
+    (or logged). Failures are logged and returned, not raised."""
     as_user = uid is not None and uid != os.geteuid()
-    output = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC) if log_file else None
+    try:
+        output = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC) if log_file else None
+    except OSError as err:
+        log.warning("%s: cannot append to %s (%s); its output goes to this log", what, log_file, err)
+        output = None
     try:
         proc = await asyncio.create_subprocess_shell(
             command, cwd=cwd if os.path.isdir(cwd) else None, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=output if output is not None else asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.STDOUT,
+            stdout=output if output is not None else asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True, user=uid if as_user else None, group=_gid(uid) if as_user else None)
     except OSError as err:
         log.error("%s could not run: %s", what, err)
-        return None
+        return Outcome(error=f"could not run: {err}")
     finally:
         if output is not None:
             os.close(output)
+    relay = asyncio.get_running_loop().create_task(_relay(proc.stdout, what)) if proc.stdout is not None else None
     try:
         code = await asyncio.wait_for(proc.wait(), timeout_s)
     except (TimeoutError, asyncio.CancelledError) as err:
@@ -73,10 +101,25 @@ async def run_shell(command: str, *, what: str, cwd: str, uid: int | None, timeo
         if isinstance(err, asyncio.CancelledError):
             raise
         log.error("%s killed at its %gs timeout", what, timeout_s)
-        return None
+        return Outcome(signal=signal.SIGKILL, error=f"killed at its {timeout_s:g}s timeout", timed_out=True)
+    finally:
+        if relay is not None:  # EOF, unless something it started in the background holds the pipe
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(relay, 1.0)
     if code != 0:
-        log.warning("%s exited with %s", what, code)
-    return code
+        log.warning("%s %s", what, f"killed by signal {-code}" if code < 0 else f"exited with {code}")
+    return Outcome(exit_code=code, signal=None) if code >= 0 else Outcome(signal=-code)
+
+
+async def _relay(stream: asyncio.StreamReader | None, what: str) -> None:
+    """Log a hook's output when it has no session log; bounded, but drained to the end."""
+    assert stream is not None
+    logged = 0
+    with contextlib.suppress(ConnectionError, ValueError):
+        while line := await stream.readline():
+            if logged < OUTPUT_LOGGED_BYTES:
+                log.info("%s: %s", what, line.decode(errors="replace").rstrip())
+            logged += len(line)
 
 
 def _gid(uid: int | None) -> int | None:

@@ -19,12 +19,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from monitor import cgroups
 from monitor.engine import Engine
 from monitor.errors import AccessDenied, MonitorError
 from monitor.identity import ProcessKey
-from monitor.tracker import Policy, Session, new_session_id
+from monitor.tracker import Session, new_session_id
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 10.0
@@ -69,32 +70,30 @@ class Launcher:
         self._wrappers: dict[int, subprocess.Popen[bytes]] = {}  # reaped when their pidfd is readable
         self._waiting: set[asyncio.Task[int]] = set()
 
-    async def launch(
-        self, argv: list[str], *, cwd: str, env: dict[str, str], uid: int, gid: int, labels: dict[str, str],
-        policy: Policy = "root", timeout_s: float | None = None, kill_on_timeout: bool = False, lock: bool = True,
-        force: bool = False, log: str | None = None, on_complete: str | None = None,
-    ) -> Session:
+    async def launch(self, argv: list[str], *, cwd: str, env: dict[str, str], uid: int, gid: int, lock: bool = True,
+                     force: bool = False, log: str | None = None, **options: Any) -> Session:
+        """Lock `cwd` (unless told not to), then spawn `argv` there as `uid` under the wrapper,
+        and register it; `options` are the session's (labels, policy, timeout_s, hooks, ...)."""
         if not argv:
             raise ValueError("a command is needed")
         directory = os.path.realpath(cwd)
         if not os.path.isdir(directory):
             raise ValueError(f"{directory} is not a directory")
         session_id = new_session_id()
-        if lock and not force:
+        locked = lock and not force
+        if locked:
             await self.engine.reserve_lock(directory, session_id, uid)
         try:
-            return await self._start(argv, directory, env, uid, gid, labels, policy, timeout_s, kill_on_timeout,
-                                     lock and not force, session_id, log, on_complete)
+            return await self._start(argv, directory, env, uid, gid, locked, session_id, log, options)
         except BaseException:
-            if lock and not force:
+            if locked:
                 with contextlib.suppress(MonitorError):
                     if self.engine.locks.locks.get(directory) is not None and self.engine.locks.locks[directory].owner is None:
                         await self.engine.unlock(directory)
             raise
 
-    async def _start(self, argv: list[str], directory: str, env: dict[str, str], uid: int, gid: int,
-                     labels: dict[str, str], policy: Policy, timeout_s: float | None, kill_on_timeout: bool,
-                     lock: bool, session_id: str, log: str | None, on_complete: str | None) -> Session:
+    async def _start(self, argv: list[str], directory: str, env: dict[str, str], uid: int, gid: int, lock: bool,
+                     session_id: str, log: str | None, options: dict[str, Any]) -> Session:
         self.exit_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = Path(log) if log else self.log_dir / f"{session_id}.log"
@@ -120,10 +119,8 @@ class Launcher:
                     break
                 await asyncio.sleep(0.002)
         return await self.engine.register(
-            key, cwd=directory, argv=argv, labels=labels, policy=policy, timeout_s=timeout_s,
-            kill_on_timeout=kill_on_timeout, lock=lock, exit_file=str(exit_file),
-            log_file=str(log_path), pgid=proc.pid, cgroup=str(cgroup) if cgroup else None, on_complete=on_complete,
-            owner_uid=uid, session_id=session_id)
+            key, cwd=directory, argv=argv, lock=lock, exit_file=str(exit_file), log_file=str(log_path), pgid=proc.pid,
+            cgroup=str(cgroup) if cgroup else None, owner_uid=uid, session_id=session_id, **options)
 
     async def _started(self, proc: subprocess.Popen[bytes], session_id: str) -> ProcessKey:
         """The command's key, from the wrapper's start file."""

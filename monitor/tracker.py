@@ -58,11 +58,13 @@ class Step:
     transitions: list[Transition] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
     changed_sessions: set[str] = field(default_factory=set)
+    cause_ns: int | None = None  # monotonic ns of the exit that caused it, when one did
 
     def extend(self, other: Step) -> Step:
         self.transitions += other.transitions
         self.commands += other.commands
         self.changed_sessions |= other.changed_sessions
+        self.cause_ns = self.cause_ns or other.cause_ns
         return self
 
 
@@ -103,6 +105,7 @@ class Session:
     log_file: str | None = None
     pgid: int | None = None  # the process group a launch put it in: stop signals all of it
     cgroup: str | None = None  # the cgroup v2 directory a launch put it in, where one was writable
+    on_start: str | None = None  # a shell command run (as its owner) once it is followed
     on_complete: str | None = None  # a shell command run (as its owner) once it has stopped
     owner_uid: int | None = None
     state: Literal["running", "stopped"] = "running"
