@@ -1,0 +1,560 @@
+"""Webhooks: the event log delivered to HTTP endpoints, signed, at least once, with a stable id.
+
+    outbox (committed with its transition) -> each endpoint's queue -> POST -> outcome
+    -> DeliveryStore (delivered / pending with its next attempt / failed)
+
+Each endpoint has a cursor in the log: every event at or below it is delivered, or
+stored as pending or failed, or not of a type the endpoint wants. Live events reach
+its queue straight from the engine (no read of the store on the way); anything the
+live feed did not carry (a start, a gap) is read back from the store. An event is
+sent with the same `webhook-id` on every attempt and after any restart, so a
+receiver deduplicates; a kill -9 between the send and its record means one more
+delivery, never none.
+
+Signed two ways at once, so both kinds of receiver work unchanged: the Standard
+Webhooks headers (`webhook-id`, `webhook-timestamp`, `webhook-signature`: v1,
+base64 HMAC-SHA256 of "id.timestamp.body", one per secret for rotation) and
+agentctl's (`X-Agentctl-Signature`: hex HMAC-SHA256 of the body; `X-Signature` and
+`X-Hub-Signature-256`: sha256=hex). A secret that starts with `whsec_` is base64
+after the prefix for the Standard Webhooks signature (as its libraries read it);
+agentctl's receivers use the secret's text as it is, and so do we for theirs.
+
+Retries: 4x backoff from `retry_first_s` with +-20% jitter, capped at `retry_max_s`,
+until the event is `max_age_s` old; `Retry-After` pushes the next attempt later;
+410 Gone disables the endpoint (until `monitor webhooks --enable`); redirects are
+failures (never followed); every attempt is bounded by `timeout_s`; each endpoint
+has its own connections and tasks, so a slow one never starves another.
+
+Destinations: the name is resolved once per connection and every address is
+checked before connecting to exactly the checked one (no DNS rebinding window):
+loopback, private, link-local (cloud metadata) and other non-global addresses are
+refused unless the endpoint sets `allow_private`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import heapq
+import hmac
+import ipaddress
+import json
+import logging
+import random
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import httpcore
+
+from monitor import __version__
+from monitor.clock import Clock, SystemClock
+from monitor.config import Endpoint
+from monitor.errors import MonitorError
+from monitor.store import Delivery, DeliveryStore, Record
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BACKOFF_FACTOR = 4.0
+JITTER = 0.2
+ERROR_TEXT_BYTES = 300  # of a failed answer's body, kept with the delivery
+DRAIN_BYTES = 64 * 1024  # read of an answer at most; a longer one costs the connection
+
+
+class Observer(Protocol):
+    """What delivery reports as it goes (`monitor.metrics.Metrics` is one)."""
+
+    def webhook_attempt(self, endpoint: str, outcome: str, seconds: float) -> None: ...
+    def webhook_latency(self, endpoint: str, seconds: float) -> None: ...
+    def webhook_gave_up(self, endpoint: str) -> None: ...
+
+
+class RefusedDestination(MonitorError):
+    """The endpoint resolves to an address it may not be sent to."""
+
+
+class UnknownDelivery(MonitorError):
+    pass
+
+
+# -- what is sent: pure ------------------------------------------------------------------
+
+
+def iso_time(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def webhook_body(record: Record) -> bytes:
+    """The event as Standard Webhooks' {type, timestamp, data}; a `session.stopped` also
+    carries agentctl's fields at the top, for receivers written for it."""
+    payload = record.payload
+    data = {k: v for k, v in payload.items() if k != "type"}
+    data["event_id"] = record.seq
+    body: dict[str, Any] = {"type": record.type, "timestamp": iso_time(record.created_at), "data": data,
+                            "hook_type": record.type}
+    if record.type == "session.stopped":
+        labels = payload.get("labels") or {}
+        code, signum = payload.get("exit_code"), payload.get("signal")
+        body.update({
+            "session_id": payload.get("session_id"),
+            "cwd": payload.get("cwd"),
+            "adapter": labels.get("adapter"),
+            "duration_seconds": payload.get("duration_s"),
+            # The real status, as a shell reports it: the code, or 128 + the signal; null if unknown.
+            "exit_status": code if code is not None else 128 + signum if signum is not None else None,
+            "summary": (labels.get("summary") or " ".join(payload.get("argv") or []))[:200],
+            "meta": {"reason": payload.get("reason"), "exit_code": code, "signal": signum,
+                     "evidence": payload.get("evidence"), "pid": payload.get("pid"), "labels": labels,
+                     "event_id": record.seq},
+        })
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def standard_key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix("whsec_")) if secret.startswith("whsec_") else secret.encode()
+
+
+def signature_headers(secrets: Iterable[str], msg_id: str, timestamp: int, body: bytes) -> list[tuple[str, str]]:
+    secrets = list(secrets)
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    standard = " ".join("v1," + base64.b64encode(hmac.new(standard_key(s), signed, hashlib.sha256).digest()).decode()
+                        for s in secrets)
+    hub = hmac.new(secrets[0].encode(), body, hashlib.sha256).hexdigest()
+    return [("webhook-id", msg_id), ("webhook-timestamp", str(timestamp)), ("webhook-signature", standard),
+            ("X-Agentctl-Signature", hub), ("X-Signature", "sha256=" + hub), ("X-Hub-Signature-256", "sha256=" + hub)]
+
+
+def retry_after_s(value: str | None, now: float) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError):
+        return None
+
+
+def next_attempt(endpoint: Endpoint, attempts: int, created_at: float, now: float, retry_after: float | None,
+                 rng: Callable[[], float] = random.random) -> float | None:
+    """When to try again after `attempts` failed ones (wall time), or None: give up."""
+    delay = min(endpoint.retry_first_s * BACKOFF_FACTOR ** (attempts - 1), endpoint.retry_max_s)
+    delay *= 1 + JITTER * (2 * rng() - 1)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    at = now + delay
+    return at if at <= created_at + endpoint.max_age_s else None
+
+
+def check_destination(address: str, allow_private: bool) -> None:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not allow_private and not ip.is_global:
+        kind = ("loopback" if ip.is_loopback else "link-local (cloud metadata lives there)" if ip.is_link_local
+                else "private" if ip.is_private else "not a public address")
+        raise RefusedDestination(f"{ip} is {kind}; set allow_private = true on the endpoint to send there")
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, connecting only to addresses that pass `check_destination`,
+    and to exactly the addresses it checked."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self.allow_private = allow_private
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError) as err:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {err}") from None
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        for address in addresses:  # all of them: a name must not hide a private address among public ones
+            check_destination(address, self.allow_private)
+        failure: Exception = httpcore.ConnectError(f"{host} has no address")
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as err:
+                failure = err
+        raise failure
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        raise RefusedDestination("webhooks are not sent to Unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One attempt's result: an HTTP status, or why there was none."""
+
+    status: int | None
+    seconds: float
+    error: str | None = None
+    retry_after: float | None = None
+    refused: bool = False
+
+    @property
+    def delivered(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+async def post(pool: httpcore.AsyncConnectionPool, endpoint: Endpoint, record: Record, now: float) -> Answer:
+    """One signed POST of `record`, bounded by the endpoint's timeout in all."""
+    assert record.seq is not None
+    body = webhook_body(record)
+    headers = [("Content-Type", "application/json"), ("User-Agent", f"monitor/{__version__}"),
+               *signature_headers(endpoint.secrets, record.id, int(now), body)]
+    t = endpoint.timeout_s
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(t):
+            async with pool.stream("POST", endpoint.url, headers=headers, content=body,
+                                   extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}}) as response:
+                text = b""
+                async for chunk in response.aiter_stream():
+                    text += chunk
+                    if len(text) > DRAIN_BYTES:
+                        break
+    except RefusedDestination as err:
+        return Answer(None, time.perf_counter() - started, str(err), refused=True)
+    except TimeoutError:
+        return Answer(None, time.perf_counter() - started, f"no answer within {t:g}s")
+    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
+            OSError, ssl.SSLError) as err:
+        return Answer(None, time.perf_counter() - started, f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+    seconds = time.perf_counter() - started
+    status = response.status
+    if 200 <= status < 300:
+        return Answer(status, seconds)
+    answer_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
+    error: str | None
+    if 300 <= status < 400:
+        error = f"redirect to {answer_headers.get('location', '?')} (not followed)"
+    else:
+        error = text[:ERROR_TEXT_BYTES].decode(errors="replace").strip() or None
+    return Answer(status, seconds, error, retry_after_s(answer_headers.get("retry-after"), now))
+
+
+# -- delivery ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Due:
+    record: Record
+    attempts: int  # failed ones so far
+    manual: bool = False  # a retry asked for by hand: one attempt, whatever the age
+
+
+class EndpointWorker:
+    """One endpoint's queue, retries and cursor; its own connections and tasks."""
+
+    def __init__(self, endpoint: Endpoint, owner: Webhooks) -> None:
+        self.endpoint = endpoint
+        self.owner = owner
+        self.pool = httpcore.AsyncConnectionPool(max_connections=endpoint.max_in_flight, retries=0,
+                                                 network_backend=GuardedBackend(endpoint.allow_private))
+        self.seen: int | None = None  # every event up to here is queued, stored or unwanted (None: not loaded)
+        self.unsettled: set[int] = set()  # queued or in flight, not yet stored
+        self.ready: deque[_Due] = deque()
+        self.retries: list[tuple[float, int]] = []  # (next attempt, seq): a heap
+        self.attempts: dict[int, int] = {}  # seq -> failed attempts, of the pending ones
+        self.disabled: tuple[float, str] | None = None
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.catch_up = True  # the store must be read: at start, and after a gap in the live feed
+        self.loading = False
+        self.wake = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def cursor(self) -> int | None:
+        if self.seen is None:
+            return None
+        return min(self.unsettled) - 1 if self.unsettled else self.seen
+
+    @property
+    def pending(self) -> int:
+        return len(self.unsettled) + len(self.attempts)
+
+    def wants(self, record: Record) -> bool:
+        return self.endpoint.events is None or record.type in self.endpoint.events
+
+    def offer(self, record: Record) -> None:
+        """A committed event, live. The next one in the log is queued at once; after a gap
+        the store is read (in `run`), which is the truth."""
+        assert record.seq is not None
+        if self.seen is not None and record.seq == self.seen + 1 and not self.catch_up and not self.loading:
+            self.seen = record.seq
+            if self.wants(record):
+                self.unsettled.add(record.seq)
+                self.ready.append(_Due(record, 0))
+                self.wake.set()
+        elif self.seen is None or record.seq > self.seen:
+            self.catch_up = True
+            self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self.wake.clear()
+            if self.catch_up:
+                await self._catch_up()
+            delay = None
+            if self.disabled is None:
+                now = self.owner.clock.wall()
+                while self.retries and self.retries[0][0] <= now and len(self.in_flight) < self.endpoint.max_in_flight:
+                    _at, seq = heapq.heappop(self.retries)
+                    if seq in self.attempts:
+                        await self._load_retry(seq)
+                while self.ready and len(self.in_flight) < self.endpoint.max_in_flight:
+                    task = asyncio.get_running_loop().create_task(self._attempt(self.ready.popleft()))
+                    self.in_flight.add(task)
+                    task.add_done_callback(self.in_flight.discard)
+                if self.retries and len(self.in_flight) < self.endpoint.max_in_flight:
+                    delay = max(0.0, self.retries[0][0] - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), delay)
+
+    async def _catch_up(self) -> None:
+        """Queue what the store holds after `seen` that this endpoint has no record of. The
+        live feed waits meanwhile; what it brings during the read asks for one more read."""
+        self.loading = True
+        try:
+            while self.catch_up:
+                self.catch_up = False
+                assert self.seen is not None
+                last = await self.owner.db(self.owner.store.last_seq)
+                while self.seen < last:
+                    rows = await self.owner.db(self.owner.store.undelivered, self.name, self.seen, self.endpoint.events)
+                    for record in rows:
+                        assert record.seq is not None
+                        if record.seq <= last and record.seq not in self.unsettled and record.seq not in self.attempts:
+                            self.unsettled.add(record.seq)
+                            self.ready.append(_Due(record, 0))
+                    if len(rows) < 1000 or (rows[-1].seq or last) >= last:
+                        break
+                    self.seen = rows[-1].seq or last
+                self.seen = max(self.seen, last)
+        finally:
+            self.loading = False
+
+    async def _load_retry(self, seq: int) -> None:
+        record = await self.owner.db(self.owner.store.record, seq)
+        attempts = self.attempts.pop(seq)
+        if record is None:  # pruned: older than the events are kept
+            self.owner.save(Delivery(self.name, seq, "failed", attempts, None, None, "the event is no longer kept",
+                                     self.owner.clock.wall()), self)
+            return
+        self.unsettled.add(seq)
+        self.ready.append(_Due(record, attempts))
+
+    async def _attempt(self, due: _Due) -> None:
+        record = due.record
+        assert record.seq is not None
+        clock = self.owner.clock
+        answer = await post(self.pool, self.endpoint, record, clock.wall())
+        now = clock.wall()
+        attempts = due.attempts + 1
+        observer = self.owner.observer
+        state, next_at = "delivered", None
+        if answer.delivered:
+            outcome = "delivered"
+            if observer is not None:
+                observer.webhook_latency(self.name, max(0.0, now - record.created_at))
+        elif answer.status == 410:
+            outcome, state, next_at = "disabled", "pending", now  # sent again if it is enabled again
+            self.disabled = (now, f"410 Gone from {self.endpoint.url}")
+            log.error("webhook %s answered 410 Gone: disabled until `monitor webhooks --enable %s`", self.name, self.name)
+        else:
+            outcome = "refused" if answer.refused else "failed"
+            if not answer.refused and not due.manual:
+                next_at = next_attempt(self.endpoint, attempts, record.created_at, now, answer.retry_after)
+            state = "pending" if next_at is not None else "failed"
+            log.warning("webhook %s, event %d (attempt %d): %s", self.name, record.seq, attempts,
+                        ": ".join(filter(None, [f"HTTP {answer.status}" if answer.status else None, answer.error])))
+            if state == "failed":
+                log.error("webhook %s gave up on event %d after %d attempts", self.name, record.seq, attempts)
+                if observer is not None:
+                    observer.webhook_gave_up(self.name)
+        if observer is not None:
+            observer.webhook_attempt(self.name, outcome, answer.seconds)
+        self.unsettled.discard(record.seq)
+        if state == "pending" and next_at is not None:
+            self.attempts[record.seq] = attempts
+            if outcome != "disabled":
+                heapq.heappush(self.retries, (next_at, record.seq))
+        self.owner.save(Delivery(self.name, record.seq, state, attempts, next_at, answer.status, answer.error, now), self)
+        self.wake.set()
+
+    def enable(self) -> None:
+        self.disabled = None
+        now = self.owner.clock.wall()
+        for seq in self.attempts:
+            heapq.heappush(self.retries, (now, seq))
+        self.wake.set()
+
+
+class Webhooks:
+    """Every configured endpoint's delivery. `offer` is the engine's record listener."""
+
+    def __init__(self, endpoints: Iterable[Endpoint], state_path: str | Path, *, clock: Clock | None = None,
+                 observer: Observer | None = None) -> None:
+        self.state_path = Path(state_path)
+        self.clock: Clock = clock or SystemClock()
+        self.observer = observer
+        self.workers = {e.name: EndpointWorker(e, self) for e in endpoints}
+        self._db: DeliveryStore | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor-webhooks")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unsaved: list[Delivery] = []
+        self._dirty: set[EndpointWorker] = set()
+        self._saving: asyncio.Task[None] | None = None
+
+    @property
+    def store(self) -> DeliveryStore:
+        assert self._db is not None
+        return self._db
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def start(self) -> None:
+        """Load each endpoint's cursor, state and pending retries; a new endpoint starts at
+        the end of the log (it is not sent the past)."""
+        self._db = await self.db(DeliveryStore, self.state_path)
+        known = await self.db(self.store.endpoints)
+        last = await self.db(self.store.last_seq)
+        for worker in self.workers.values():
+            if worker.name not in known:
+                await self.db(self.store.add_endpoint, worker.name, last)
+                known[worker.name] = (last, None, None)
+            cursor, disabled_at, reason = known[worker.name]
+            worker.seen = cursor
+            worker.disabled = (disabled_at, reason or "disabled") if disabled_at is not None else None
+            for delivery in await self.db(self.store.pending, worker.name):
+                worker.attempts[delivery.seq] = delivery.attempts
+                heapq.heappush(worker.retries, (delivery.next_at or 0.0, delivery.seq))
+            self._tasks.append(asyncio.get_running_loop().create_task(worker.run(), name=f"webhook-{worker.name}"))
+        if self.workers:
+            log.info("webhooks: %s", ", ".join(f"{w.name} ({'disabled' if w.disabled else 'enabled'})" for w in self.workers.values()))
+
+    async def close(self) -> None:
+        """Stop sending; what was in flight is sent again after a restart (same id)."""
+        for task in self._tasks:
+            task.cancel()
+        for worker in self.workers.values():
+            for task in list(worker.in_flight):
+                task.cancel()
+        for task in [*self._tasks, *(t for w in self.workers.values() for t in w.in_flight)]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._saving is not None:
+            await self._saving
+        if self._unsaved or self._dirty:
+            await self._save_now()
+        for worker in self.workers.values():
+            await worker.pool.aclose()
+        if self._db is not None:
+            await self.db(self._db.close)
+            self._db = None
+        self._thread.shutdown(wait=True)
+
+    def offer(self, record: Record) -> None:
+        for worker in self.workers.values():
+            worker.offer(record)
+
+    # -- progress, written in batches off the loop --------------------------------------------
+
+    def save(self, delivery: Delivery, worker: EndpointWorker) -> None:
+        self._unsaved.append(delivery)
+        self._dirty.add(worker)
+        if self._saving is None:
+            self._saving = asyncio.get_running_loop().create_task(self._save_soon())
+
+    async def _save_soon(self) -> None:
+        try:
+            while self._unsaved or self._dirty:
+                await self._save_now()
+        finally:
+            self._saving = None
+
+    async def _save_now(self) -> None:
+        deliveries, self._unsaved = self._unsaved, []
+        workers, self._dirty = self._dirty, set()
+        cursors = {w.name: c for w in workers if (c := w.cursor) is not None}
+        disabled = {w.name: w.disabled for w in workers}
+        try:
+            await self.db(self.store.save, deliveries, cursors, disabled)
+        except Exception as err:  # the next save carries them; a restart resends what was lost
+            log.error("could not record webhook deliveries: %s", err)
+
+    # -- the API --------------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{**w.endpoint.public(), "disabled": w.disabled is not None,
+                 "disabled_reason": w.disabled[1] if w.disabled else None, "pending": w.pending, "cursor": w.cursor}
+                for w in self.workers.values()]
+
+    async def deliveries(self, *, failed_only: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        rows = await self.db(functools.partial(self.store.deliveries, failed_only=failed_only, limit=limit))
+        found = []
+        for d in rows:
+            record = await self.db(self.store.record, d.seq)
+            found.append({"id": d.id, "endpoint": d.endpoint, "event_id": d.seq, "state": d.state, "attempts": d.attempts,
+                          "next_at": d.next_at, "last_status": d.last_status, "last_error": d.last_error,
+                          "updated_at": d.updated_at, "type": record.type if record else None,
+                          "msg_id": record.id if record else None, "subject": record.subject if record else None})
+        return found
+
+    async def retry(self, delivery_id: int) -> dict[str, Any]:
+        """Send a stored delivery again now (same webhook-id): once, whatever its age."""
+        delivery = await self.db(self.store.delivery, delivery_id)
+        if delivery is None:
+            raise UnknownDelivery(f"no webhook delivery {delivery_id}")
+        worker = self.workers.get(delivery.endpoint)
+        if worker is None:
+            raise UnknownDelivery(f"delivery {delivery_id} is to {delivery.endpoint!r}, which is no longer configured")
+        if worker.disabled is not None:
+            raise MonitorError(f"endpoint {worker.name} is disabled ({worker.disabled[1]}): enable it first")
+        record = await self.db(self.store.record, delivery.seq)
+        if record is None:
+            raise UnknownDelivery(f"event {delivery.seq} of delivery {delivery_id} is no longer kept")
+        if delivery.seq not in worker.unsettled:
+            worker.attempts.pop(delivery.seq, None)
+            worker.unsettled.add(delivery.seq)
+            worker.ready.append(_Due(record, delivery.attempts, manual=True))
+            worker.wake.set()
+        return {"id": delivery_id, "endpoint": worker.name, "event_id": delivery.seq, "msg_id": record.id, "state": "retrying"}
+
+    def enable(self, name: str) -> dict[str, Any]:
+        worker = self.workers.get(name)
+        if worker is None:
+            raise UnknownDelivery(f"no webhook endpoint {name!r} (configured: {', '.join(self.workers) or 'none'})")
+        worker.enable()
+        self._dirty.add(worker)
+        if self._saving is None:
+            self._saving = asyncio.get_running_loop().create_task(self._save_soon())
+        return {**worker.endpoint.public(), "disabled": False}
