@@ -17,8 +17,9 @@ from typing import Any, TextIO
 from monitor import __version__
 from monitor.client import DaemonUnreachable
 from monitor.errors import MonitorError, NoSuchProcess, SourceUnavailable
-from monitor.events import Event, Execed, Exited, Forked, Overrun
+from monitor.events import TRANSITION_TYPES, Event, Execed, Exited, Forked, Overrun
 from monitor.identity import ProcessKey
+from monitor.logs import configure_logging
 from monitor.protocol import ProtocolError
 from monitor.sources import SOURCE_NAMES, open_source
 from monitor.waiting import wait_on
@@ -100,8 +101,45 @@ def format_event(event: Event) -> str:
     return f"{stamp} LOST  events lost ({event.lost if event.lost is not None else 'count unknown'}); resynced"
 
 
+def format_record(event: dict[str, Any]) -> str:
+    """One daemon event for people: id, time, type, what it is about, how."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["at"])) + f".{int(event['at'] * 1000) % 1000:03d}"
+    kind = event["type"]
+    about = event.get("session_id") or event.get("directory") or ""
+    detail = ""
+    if kind == "session.stopped":
+        detail = f"{event['reason']}, {_status(event)} ({event['evidence']}) after {event['duration_s']:.1f}s"
+    elif kind == "session.started":
+        detail = f"pid {event['key']['pid']} in {event['cwd']}"
+    elif kind in ("lock.acquired", "lock.released"):
+        detail = f"{event['directory']} ({event['kind']}" + (f", {event['reason']}" if event.get("reason") else "") + ")"
+        about = event.get("session_id") or ""
+    elif kind == "hook.failed":
+        detail = f"{event['hook']}: {event.get('error') or _status(event)}"
+    elif kind == "child.exited":
+        detail = f"child {event['key']['pid']}, {_status(event)}"
+    elif kind == "child.unobservable":
+        detail = f"child {event['key']['pid']}"
+    return f"#{event['id']:<6} {stamp} {kind:<18} {about} {detail}".rstrip()
+
+
+def _daemon_events(args: argparse.Namespace, out: TextIO) -> int:
+    from monitor.client import Client
+
+    types = _types(args.type, TRANSITION_TYPES)
+    with Client(args.socket, timeout_s=None) as client:
+        events = client.subscribe(types=types, session=args.session, since=args.since)
+        if client.subscription.get("missed"):
+            print(f"monitor events: events after {args.since} are no longer kept; starting from the oldest kept",
+                  file=sys.stderr)
+        for event in events:
+            out.write((json.dumps(event) if args.json else format_record(event)) + "\n")
+            out.flush()
+    return 0
+
+
 async def _events(args: argparse.Namespace, out: TextIO) -> int:
-    types = tuple(args.type)
+    types = tuple(_types(args.type, ("fork", "exec", "exit")) or ("fork", "exec", "exit"))
     following = args.pid is not None
     # Following a tree needs the forks even when they are not printed.
     kernel_types = tuple(sorted(set(types) | ({"fork", "exit"} if args.tree else {"exit"} if following else set())))
@@ -267,16 +305,19 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in lines)
 
 
+def _status(ended: dict[str, Any]) -> str:
+    """'code 3', 'signal 9' or 'status unknown', of a stopped session or an event."""
+    if ended.get("signal") is not None:
+        return f"signal {ended['signal']}"
+    if ended.get("exit_code") is not None:
+        return f"code {ended['exit_code']}"
+    return "status unknown"
+
+
 def _outcome_of(session: dict[str, Any]) -> str:
     if session["state"] == "running":
         return "running" + (" (timed out)" if session.get("timed_out") else "")
-    if session["signal"] is not None:
-        how = f"signal {session['signal']}"
-    elif session["exit_code"] is not None:
-        how = f"code {session['exit_code']}"
-    else:
-        how = "status unknown"
-    return f"{session['reason']}, {how} ({session['evidence']})"
+    return f"{session['reason']}, {_status(session)} ({session['evidence']})"
 
 
 def _print_sessions(sessions: list[dict[str, Any]]) -> None:
@@ -322,8 +363,10 @@ def _client_command(args: argparse.Namespace) -> int:
         return 0
     show: dict[str, Callable[[Any], None]] = {
         "list": _print_sessions, "status": _print_session, "attach": _print_session, "stop": _print_session,
-        "locks": _print_locks, "fuse_list": _print_fuses}
+        "locks": _print_locks, "fuse_list": _print_fuses, "webhooks": _print_webhooks}
     key = "fuse_list" if args.command == "fuse" and args.fuse_command == "list" else args.command
+    if args.command == "webhooks" and (args.retry is not None or args.enable):
+        key = "webhook_change"  # an answer of one line, below
     if key in show:
         show[key](value)
     elif args.command == "who":
@@ -342,7 +385,8 @@ def _call(client: Any, args: argparse.Namespace) -> Any:
     c = args.command
     if c == "attach":
         return client.call("session.attach", pid=args.pid, cwd=args.cwd, labels=dict(args.label or []), policy=args.policy,
-                           timeout_s=args.timeout, kill_on_timeout=args.kill_on_timeout, lock=not args.no_lock, force=args.force)
+                           timeout_s=args.timeout, kill_on_timeout=args.kill_on_timeout, lock=not args.no_lock, force=args.force,
+                           on_start=args.on_start, on_complete=args.on_complete)
     if c == "list":
         return client.call("session.list", all=args.all)
     if c == "status":
@@ -359,6 +403,12 @@ def _call(client: Any, args: argparse.Namespace) -> Any:
         return client.call("lock.who", directory=os.path.abspath(args.directory))
     if c == "daemon":
         return client.call("daemon.status")
+    if c == "webhooks":
+        if args.retry is not None:
+            return client.call("webhook.retry", id=args.retry)
+        if args.enable:
+            return client.call("webhook.enable", name=args.enable)
+        return client.call("webhook.list", failed=args.failed, limit=args.limit)
     directory = os.path.abspath(args.directory) if getattr(args, "directory", None) else None
     sub = args.fuse_command
     if sub == "set":
@@ -388,7 +438,7 @@ def _launch(args: argparse.Namespace) -> int:
                                   labels=dict(args.label or []), timeout_s=args.timeout,
                                   kill_on_timeout=args.kill_on_timeout, lock=not args.no_lock, force=args.force,
                                   tree=args.tree, log=os.path.abspath(args.log) if args.log else None,
-                                  on_complete=args.on_complete)
+                                  on_start=args.on_start, on_complete=args.on_complete)
             if events is None:
                 print(json.dumps(session) if args.json else session["id"])
                 return 0
@@ -430,12 +480,32 @@ def _logs(args: argparse.Namespace) -> int:
                 time.sleep(0.2)
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    from monitor.client import Client
+
+    with Client(args.socket) as client:
+        sys.stdout.write(client.call("metrics"))
+    return 0
+
+
+def _print_webhooks(value: dict[str, Any]) -> None:
+    endpoints = [[e["name"], e["url"], "disabled: " + (e["disabled_reason"] or "") if e["disabled"] else "enabled",
+                  str(e["pending"]), ",".join(e["events"] or ["all"])] for e in value["endpoints"]]
+    print(table(endpoints, ["ENDPOINT", "URL", "STATE", "PENDING", "EVENTS"]) if endpoints else "no webhook endpoints configured")
+    if value["deliveries"]:
+        print()
+        rows = [[str(d["id"]), d["endpoint"], f"#{d['event_id']} {d['type'] or '?'}", d["state"], str(d["attempts"]),
+                 str(d["last_status"] or "-"), _ago(d["updated_at"]), (d["last_error"] or "")[:60]] for d in value["deliveries"]]
+        print(table(rows, ["ID", "ENDPOINT", "EVENT", "STATE", "TRIES", "HTTP", "UPDATED", "ERROR"]))
+
+
 def _run_daemon(args: argparse.Namespace) -> int:
     from monitor.config import load_config
     from monitor.daemon import serve
 
-    config = load_config(args.config, overrides={"socket": args.socket, "state_dir": args.state_dir, "source": args.source})
-    logging.getLogger().setLevel(config.log_level.upper() if not args.verbose else "INFO")
+    config = load_config(args.config, overrides={"socket": args.socket, "state_dir": args.state_dir, "source": args.source,
+                                                  "log_format": args.log_format})
+    configure_logging("info" if args.verbose else config.log_level, config.log_format)
     return asyncio.run(serve(config, args.config))
 
 
@@ -452,12 +522,21 @@ def _pid(text: str) -> int:
     return pid
 
 
-def _types(text: str) -> list[str]:
+def _types(text: str | None, known: tuple[str, ...]) -> list[str] | None:
+    """--type for the mode at hand: kernel events (fork, exec, exit) or the daemon's."""
+    if text is None:
+        return None
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in ("fork", "exec", "exit")]
+    bad = [t for t in names if t not in known]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"event types are fork, exec, exit (comma-separated), got {text!r}")
+        raise argparse.ArgumentTypeError(f"event types are {', '.join(known)} (comma-separated), got {text!r}")
     return names
+
+
+def _add_hook_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-start", metavar="CMD", help="shell command run (as you) once the session is followed")
+    p.add_argument("--on-complete", metavar="CMD", help="shell command run (as you) once it has stopped, with "
+                   "MONITOR_EXIT_CODE, MONITOR_SIGNAL, MONITOR_REASON, ... in its environment")
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -491,14 +570,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per process")
     _add_source_args(p)
 
-    p = sub.add_parser("events", help="stream fork/exec/exit events",
+    p = sub.add_parser("events", help="stream fork/exec/exit events (--daemon: the daemon's events)",
                        description="Stream process events as they happen: every process on the host, or one "
-                       "process (and with --tree its descendants) until it is gone.")
+                       "process (and with --tree its descendants) until it is gone. With --daemon: the daemon's "
+                       "committed events (session.stopped, lock.released, ...), each with an id to resume from.")
+    p.add_argument("--daemon", action="store_true", help="follow the daemon's events instead of the kernel's")
+    p.add_argument("--since", type=int, metavar="ID", help="with --daemon: first replay what came after event ID")
+    p.add_argument("--session", metavar="ID", help="with --daemon: only this session's events (id or prefix)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--pid", type=_pid, help="follow this process only")
     p.add_argument("--tree", action="store_true", help="with --pid: follow its descendants too")
-    p.add_argument("--type", type=_types, default=["fork", "exec", "exit"], metavar="fork,exec,exit",
-                   help="event types to show (default all three)")
+    p.add_argument("--type", metavar="TYPES",
+                   help="comma-separated event types to show: fork,exec,exit (default all three); with --daemon "
+                   f"any of {','.join(TRANSITION_TYPES)} (default all)")
     _add_source_args(p)
 
     p = sub.add_parser("doctor", help="which sources work here, and exactly why not")
@@ -510,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML config (default /etc/monitor/config.toml as root, "
                    "else $XDG_CONFIG_HOME/monitor/config.toml)")
     p.add_argument("--source", choices=("netlink", "pidfd", "poll"), help="force one event source")
+    p.add_argument("--log-format", choices=("auto", "text", "journald", "json"),
+                   help="auto (default): journald's when its stderr is the journal, else text")
     p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what it does")
 
@@ -523,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-on-timeout", action="store_true", help="TERM (then KILL) its process group on timeout")
     p.add_argument("--no-lock", action="store_true", help="do not lock its directory")
     p.add_argument("--force", action="store_true", help="do not lock, even where another lock stands")
+    _add_hook_args(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("launch", help="run a command as a session, under the daemon (lock first, then spawn)")
@@ -535,8 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=_label, action="append", metavar="K=V")
     p.add_argument("--env", type=_label, action="append", metavar="K=V", help="set in its environment")
     p.add_argument("--log", metavar="FILE", help="append its output here (default: the daemon's log directory)")
-    p.add_argument("--on-complete", metavar="CMD", help="shell command run once it has stopped, with MONITOR_EXIT_CODE, "
-                   "MONITOR_SIGNAL, MONITOR_REASON, ... in its environment")
+    _add_hook_args(p)
     p.add_argument("--wait", action="store_true", help="wait for it to end and exit with its status (code, or 128+signal)")
     p.add_argument("--json", action="store_true")
     p.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
@@ -569,6 +655,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("locks", help="every lock")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("metrics", help="the daemon's Prometheus metrics (text exposition format)")
+
+    p = sub.add_parser("webhooks", help="webhook endpoints and deliveries; retry a failed one",
+                       description="Endpoints come from the daemon's config. Each event is delivered with one "
+                       "webhook-id, however many attempts it takes.")
+    p.add_argument("--failed", action="store_true", help="only deliveries that were given up")
+    p.add_argument("--limit", type=int, default=50, help="at most this many deliveries, newest first (default 50)")
+    p.add_argument("--retry", type=int, metavar="ID", help="send delivery ID again now (same webhook-id)")
+    p.add_argument("--enable", metavar="NAME", help="enable an endpoint disabled by a 410 Gone")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("fuse", help="directory fuses: an action a TTL after the last session there stops")
@@ -605,16 +702,26 @@ def raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
-                        format="monitor: %(levelname)s %(name)s: %(message)s")
+    configure_logging("info" if args.verbose else "error", "text")
     if args.command == "events" and args.tree and args.pid is None:
         parser.error("--tree needs --pid")
+    if args.command == "events" and not args.daemon and (args.since is not None or args.session):
+        parser.error("--since and --session are for --daemon")
+    if args.command == "events":
+        try:
+            _types(args.type, TRANSITION_TYPES if args.daemon else ("fork", "exec", "exit"))
+        except argparse.ArgumentTypeError as err:
+            parser.error(str(err))
     raise_fd_limit()
     try:
         if args.command == "wait":
             return asyncio.run(_wait(args))
+        if args.command == "events" and args.daemon:
+            return _daemon_events(args, sys.stdout)
         if args.command == "events":
             return _run_events(args)
+        if args.command == "metrics":
+            return _metrics(args)
         if args.command == "doctor":
             return asyncio.run(_doctor(args))
         if args.command == "daemon" and args.action == "run":

@@ -2,7 +2,8 @@
 
     with Client() as client:                       # $MONITOR_SOCKET or the default path
         session = client.call("session.attach", pid=4242)
-        for event in client.subscribe(types=["session.stopped"]):
+        for event in client.subscribe(types=["session.stopped"], since=last_seen_id):
+            last_seen_id = event["id"]              # resume from here after a reconnect
             ...
 """
 
@@ -46,6 +47,7 @@ class Client:
             raise DaemonUnreachable(self.path, err.strerror or str(err)) from None
         self._file = self._sock.makefile("rb")
         self._next_id = 0
+        self.subscription: dict[str, Any] = {}  # the answer to subscribe: last_id, missed
 
     def __enter__(self) -> Client:
         return self
@@ -79,13 +81,20 @@ class Client:
             raise ProtocolError("internal", f"answer for request {answer.get('id')}, expected {request_id}")
         return answer["result"]
 
-    def subscribe(self, types: list[str] | None = None) -> Iterator[dict[str, Any]]:
-        """Every transition the daemon commits from the moment this returns (one dict each),
-        until it closes. Subscribed at once, not at the first iteration."""
+    def subscribe(self, types: list[str] | None = None, *, session: str | None = None,
+                  since: int | None = None) -> Iterator[dict[str, Any]]:
+        """The daemon's committed events, one dict each (`id` is the event's place in the log):
+        those after event `since` first, when given, then every new one, until the daemon
+        closes. Subscribed at once, not at the first iteration. A subscriber that falls too
+        far behind is cut off: ProtocolError("too_slow"); resubscribe with `since`."""
         self._sock.settimeout(None)
-        self.call("events.subscribe", **({"types": types} if types else {}))
+        params = {k: v for k, v in {"types": types, "session": session, "since": since}.items() if v is not None}
+        self.subscription = self.call("events.subscribe", **params)
         return self._events()
 
     def _events(self) -> Iterator[dict[str, Any]]:
         while line := self._file.readline():
-            yield json.loads(line)["event"]
+            message = json.loads(line)
+            if "error" in message:
+                raise ProtocolError(message["error"]["code"], message["error"]["message"])
+            yield message["event"]

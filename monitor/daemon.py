@@ -1,4 +1,5 @@
-"""`monitor daemon`: the composition root. Config → engine (source, state) → socket server.
+"""`monitor daemon`: the composition root. Config → engine (source, state) → socket server,
+webhooks, metrics.
 
 Foreground, asyncio, one instance per state directory. Tells systemd READY=1 only
 after the state is reconciled, WATCHDOG=1 from the event loop, STOPPING=1 on the
@@ -18,11 +19,14 @@ import socket
 import time
 from pathlib import Path
 
-from monitor.config import Config, load_config
+from monitor.config import Config, listen_address, load_config
 from monitor.engine import Engine
 from monitor.errors import MonitorError
 from monitor.launcher import Launcher
+from monitor.logs import configure_logging
+from monitor.metrics import Metrics, MetricsListener, by_label, engine_samples
 from monitor.server import Api, Server
+from monitor.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +70,42 @@ async def _watchdog(interval_s: float) -> None:
 async def serve(config: Config, config_file: str | None = None) -> int:
     lock_fd = hold_instance_lock(config.state_dir)
     try:
+        metrics = Metrics()
         engine = Engine(config.state_db, source=config.source, relist_interval_s=config.relist_interval_s,
-                        child_grace_s=config.child_grace_s, exit_dir=config.exit_dir)
+                        child_grace_s=config.child_grace_s, exit_dir=config.exit_dir, retain_events_s=config.retain_events_s,
+                        hooks=config.hooks, hook_timeout_s=config.hook_timeout_s, observer=metrics)
+        webhooks = Webhooks(config.webhooks, config.state_db, observer=metrics)
+        engine.add_record_listener(lambda record: metrics.event(record.type))
+        engine.add_record_listener(webhooks.offer)  # before the start: a stop found while down is sent too
         await engine.start()
+        listener: MetricsListener | None = None
         try:
+            await webhooks.start()
             launcher = Launcher(engine, config.exit_dir, config.log_dir)
-            server = Server(Api(engine, time.monotonic(), launcher), config.socket,
-                            max_connections=config.max_connections, idle_timeout_s=config.idle_timeout_s)
+            server = Server(Api(engine, time.monotonic(), launcher, webhooks=webhooks, metrics=metrics), config.socket,
+                            max_connections=config.max_connections, idle_timeout_s=config.idle_timeout_s,
+                            subscriber_buffer=config.subscriber_buffer)
+            server.on_drop = metrics.subscriber_dropped
+            metrics.add_state("engine", lambda: engine_samples(engine))
+            metrics.add_state("server", lambda: [("monitor_subscribers", "gauge", {}, server.subscribers)])
+            metrics.add_state("webhooks", lambda: [
+                *by_label("monitor_webhook_pending", "endpoint", {w.name: w.pending for w in webhooks.workers.values()}),
+                *by_label("monitor_webhook_endpoint_disabled", "endpoint",
+                          {w.name: float(w.disabled is not None) for w in webhooks.workers.values()})])
             await server.start()
+            tasks = []
+            loop = asyncio.get_running_loop()
+            if config.metrics_listen:
+                listener = metrics.serve_http(*listen_address(config.metrics_listen))
+                tasks.append(loop.create_task(_refresh(metrics, 1.0)))  # the listener's thread reads what this caches
+                log.info("metrics on http://%s/metrics", listener.address)
             log.info("serving on %s with the %s source, state in %s", config.socket,
                      engine.source.name if engine.source else "?", config.state_dir)
             sd_notify(f"READY=1\nSTATUS=serving on {config.socket}\nMAINPID={os.getpid()}")
             stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
             loop.add_signal_handler(signal.SIGHUP, _reload, config_file)
-            tasks = []
             watchdog_usec = os.environ.get("WATCHDOG_USEC")
             if watchdog_usec and watchdog_usec.isdigit():
                 tasks.append(loop.create_task(_watchdog(int(watchdog_usec) / 2e6)))
@@ -94,10 +117,19 @@ async def serve(config: Config, config_file: str | None = None) -> int:
             await server.close()
             await launcher.close()
         finally:
+            if listener is not None:
+                await asyncio.to_thread(listener.close)
+            await webhooks.close()
             await engine.close()
     finally:
         os.close(lock_fd)
     return 0
+
+
+async def _refresh(metrics: Metrics, interval_s: float) -> None:
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(interval_s)
 
 
 def _reload(config_file: str | None) -> None:
@@ -106,5 +138,5 @@ def _reload(config_file: str | None) -> None:
     except MonitorError as err:
         log.error("reload failed, keeping the old configuration: %s", err)
         return
-    logging.getLogger().setLevel(config.log_level.upper())
-    log.info("configuration reloaded (log level %s; paths and source take effect at restart)", config.log_level)
+    configure_logging(config.log_level, config.log_format)
+    log.info("configuration reloaded (log level and format; the rest takes effect at restart)")

@@ -28,10 +28,10 @@ from typing import Any
 from monitor import __version__
 from monitor.engine import AlreadyDead, Engine
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess
-from monitor.events import Transition
 from monitor.fuses import NoFuse
 from monitor.launcher import Launcher, LaunchFailed
 from monitor.locks import LockHeld, NotLocked
+from monitor.metrics import Metrics
 from monitor.protocol import (
     BAD_REQUEST,
     CONFLICT,
@@ -49,11 +49,15 @@ from monitor.protocol import (
     param,
     result,
 )
+from monitor.store import Record
 from monitor.tracker import Session, UnknownSession
+from monitor.webhooks import UnknownDelivery, Webhooks
 
 log = logging.getLogger(__name__)
 
 SO_PEERCRED_FORMAT = struct.Struct("3i")  # struct ucred: pid, uid, gid
+DEFAULT_SUBSCRIBER_BUFFER = 10_000  # events a subscriber may fall behind before it is cut off
+CUT_OFF_GRACE_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +99,21 @@ def _seconds(params: dict[str, Any], name: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _hooks(params: dict[str, Any]) -> dict[str, str | None]:
+    """A session's own hooks: shell commands run as its owner (the peer), never as the daemon."""
+    return {"on_start": param(params, "on_start", str, None), "on_complete": param(params, "on_complete", str, None)}
+
+
 class Api:
     """The methods, each checked against the peer before it touches the engine."""
 
-    def __init__(self, engine: Engine, started_at: float, launcher: Launcher | None = None) -> None:
+    def __init__(self, engine: Engine, started_at: float, launcher: Launcher | None = None, *,
+                 webhooks: Webhooks | None = None, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.started_at = started_at
         self.launcher = launcher
+        self.webhooks = webhooks
+        self.metrics = metrics
         self.methods: dict[str, Callable[[Peer, dict[str, Any]], Awaitable[Any]]] = {
             "hello": self.hello, "daemon.status": self.status,
             "session.attach": self.attach, "session.launch": self.launch,
@@ -109,7 +121,8 @@ class Api:
             "session.stop": self.stop, "session.children": self.children,
             "lock.acquire": self.lock, "lock.release": self.unlock, "lock.list": self.locks, "lock.who": self.who,
             "fuse.set": self.fuse_set, "fuse.extend": self.fuse_extend, "fuse.cancel": self.fuse_cancel,
-            "fuse.list": self.fuses,
+            "fuse.list": self.fuses, "metrics": self.render_metrics,
+            "webhook.list": self.webhook_list, "webhook.retry": self.webhook_retry, "webhook.enable": self.webhook_enable,
         }
 
     async def call(self, peer: Peer, request: Request) -> Any:
@@ -118,7 +131,7 @@ class Api:
             raise ProtocolError(NOT_FOUND, f"unknown method {request.method!r}")
         try:
             return await method(peer, request.params)
-        except (UnknownSession, NoFuse, NotLocked, NoSuchProcess) as err:
+        except (UnknownSession, NoFuse, NotLocked, NoSuchProcess, UnknownDelivery) as err:
             raise ProtocolError(NOT_FOUND, str(err)) from None
         except LockHeld as err:
             raise ProtocolError(LOCK_HELD, str(err)) from None
@@ -168,7 +181,7 @@ class Api:
         session = await self.engine.attach(
             pid, cwd=param(params, "cwd", str, None), labels=labels, policy=policy, timeout_s=_seconds(params, "timeout_s"),
             kill_on_timeout=param(params, "kill_on_timeout", bool, False), lock=param(params, "lock", bool, True),
-            force=param(params, "force", bool, False), owner_uid=peer.uid)
+            force=param(params, "force", bool, False), owner_uid=peer.uid, **_hooks(params))
         return session.public()
 
     async def launch(self, peer: Peer, params: dict[str, Any]) -> Any:
@@ -189,8 +202,7 @@ class Api:
             argv, cwd=param(params, "cwd", str, required=True), env=env, uid=peer.uid, gid=peer.gid, labels=labels,
             policy="tree" if param(params, "tree", bool, False) else "root", timeout_s=_seconds(params, "timeout_s"),
             kill_on_timeout=param(params, "kill_on_timeout", bool, False), lock=param(params, "lock", bool, True),
-            force=param(params, "force", bool, False), log=param(params, "log", str, None),
-            on_complete=param(params, "on_complete", str, None))
+            force=param(params, "force", bool, False), log=param(params, "log", str, None), **_hooks(params))
         return session.public()
 
     async def list_sessions(self, peer: Peer, params: dict[str, Any]) -> Any:
@@ -272,19 +284,61 @@ class Api:
     async def fuses(self, peer: Peer, params: dict[str, Any]) -> Any:
         return [f.to_dict() for f in sorted(self.engine.fuses.fuses.values(), key=lambda f: f.directory)]
 
+    async def render_metrics(self, peer: Peer, params: dict[str, Any]) -> Any:
+        """The Prometheus text exposition, as of now."""
+        if self.metrics is None:
+            raise ProtocolError("unavailable", "this daemon keeps no metrics")
+        self.metrics.refresh()
+        return self.metrics.render()
+
+    def _webhooks(self) -> Webhooks:
+        if self.webhooks is None:
+            raise ProtocolError("unavailable", "this daemon sends no webhooks")
+        return self.webhooks
+
+    async def webhook_list(self, peer: Peer, params: dict[str, Any]) -> Any:
+        """Endpoints (never their secrets) and the latest deliveries, or only the failed ones."""
+        webhooks = self._webhooks()
+        limit = param(params, "limit", int, 100)
+        if not 1 <= limit <= 10_000:
+            raise ProtocolError(BAD_REQUEST, "limit is 1 to 10000")
+        return {"endpoints": webhooks.status(),
+                "deliveries": await webhooks.deliveries(failed_only=param(params, "failed", bool, False), limit=limit)}
+
+    def _administrator(self, peer: Peer, what: str) -> None:
+        """Webhooks are the config's, so their administration is root's (or the daemon user's)."""
+        if not peer.root and peer.uid != os.geteuid():
+            raise self._deny(peer, f"{what} is for root")
+
+    async def webhook_retry(self, peer: Peer, params: dict[str, Any]) -> Any:
+        self._administrator(peer, "retrying a webhook delivery")
+        return await self._webhooks().retry(param(params, "id", int, required=True))
+
+    async def webhook_enable(self, peer: Peer, params: dict[str, Any]) -> Any:
+        self._administrator(peer, "enabling a webhook endpoint")
+        return self._webhooks().enable(param(params, "name", str, required=True))
+
 
 class Server:
     """asyncio Unix-socket server: one task per connection, bounded in number and idle time."""
 
-    def __init__(self, api: Api, path: Path, *, max_connections: int = 256, idle_timeout_s: float = 600.0) -> None:
+    def __init__(self, api: Api, path: Path, *, max_connections: int = 256, idle_timeout_s: float = 600.0,
+                 subscriber_buffer: int = DEFAULT_SUBSCRIBER_BUFFER) -> None:
         self.api = api
         self.path = path
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
+        self.subscriber_buffer = subscriber_buffer
+        self.dropped_subscribers = 0
+        self.on_drop: Callable[[], None] | None = None  # told of each subscriber cut off (metrics)
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
-        self._subscribers: set[asyncio.Queue[Transition | None]] = set()
-        api.engine.add_listener(self._publish)
+        self._subscribers: set[Subscriber] = set()
+        api.engine.add_record_listener(self._publish)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
 
     async def start(self) -> None:
         sock = bind_socket(self.path)
@@ -295,8 +349,8 @@ class Server:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for queue in self._subscribers:
-            queue.put_nowait(None)
+        for subscriber in self._subscribers:
+            subscriber.close()
         if self._connections:
             _done, pending = await asyncio.wait(self._connections, timeout=2.0)
             for task in pending:
@@ -307,10 +361,17 @@ class Server:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def _publish(self, transition: Transition) -> None:
-        for queue in self._subscribers:
-            if queue.qsize() < 10_000:  # a stalled subscriber is cut off below, not waited for
-                queue.put_nowait(transition)
+    def _publish(self, record: Record) -> None:
+        """Hand a committed event to every subscriber that wants it; never waits. One whose
+        buffer is full is cut off, so it can slow neither the daemon nor anyone else."""
+        for subscriber in list(self._subscribers):
+            if subscriber.wants(record) and not subscriber.offer(record):
+                self._subscribers.discard(subscriber)
+                self.dropped_subscribers += 1
+                if self.on_drop is not None:
+                    self.on_drop()
+                log.warning("a subscriber fell %d events behind; disconnected", self.subscriber_buffer)
+                subscriber.cut_off(f"fell more than {self.subscriber_buffer} events behind; resubscribe with since")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -371,28 +432,96 @@ class Server:
             await writer.drain()
 
     async def _stream(self, request: Request, writer: asyncio.StreamWriter) -> None:
-        """events.subscribe: every committed transition (optionally of some types), live."""
-        types = request.params.get("types")
-        if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
-            writer.write(error(request.id, BAD_REQUEST, "types is a list of event types"))
+        """events.subscribe: committed events (of some types, of one session) from `since`, then live.
+
+        Registered before the backlog is read, so nothing committed in between is missed;
+        what both the backlog and the live feed carry goes out once (by id)."""
+        try:
+            types = param(request.params, "types", list, None)
+            if types is not None and not all(isinstance(t, str) for t in types):
+                raise ProtocolError(BAD_REQUEST, "types is a list of event types")
+            session = param(request.params, "session", str, None)
+            since = param(request.params, "since", int, None)
+            if since is not None and since < 0:
+                raise ProtocolError(BAD_REQUEST, "since is an event id (0: from the oldest kept)")
+        except ProtocolError as err:
+            writer.write(error(request.id, err.code, err.message))
             await writer.drain()
             return
-        queue: asyncio.Queue[Transition | None] = asyncio.Queue()
-        self._subscribers.add(queue)
+        subscriber = Subscriber(writer, request.id, types, session, self.subscriber_buffer)
+        self._subscribers.add(subscriber)
         try:
-            writer.write(result(request.id, {"subscribed": True}))
+            last = await self.api.engine.last_event_id()
+            if since is not None and since > last:
+                # An id this log never gave (another daemon's, a typo): taken as given, every
+                # event up to it would be skipped without a word.
+                writer.write(error(request.id, BAD_REQUEST, f"since {since} is after the last event ({last})"))
+                await writer.drain()
+                return
+            backlog = await self.api.engine.records(since, 1000) if since is not None else []
+            missed = since is not None and (backlog[0].seq or 0 if backlog else last + 1) > since + 1
+            writer.write(result(request.id, {"subscribed": True, "last_id": last, "missed": missed}))
             await writer.drain()
-            while True:
-                transition = await queue.get()
-                if transition is None:
-                    return
-                if types is None or transition.type in types:
-                    writer.write(encode({"id": request.id, "event": transition.to_dict()}))
-                    await asyncio.wait_for(writer.drain(), 10.0)
-        except TimeoutError:
-            log.warning("a subscriber stopped reading; disconnected")
+            sent = since if since is not None else last
+            while backlog:
+                for record in backlog:
+                    if subscriber.wants(record):
+                        await subscriber.send(record)
+                sent = backlog[-1].seq or sent
+                backlog = await self.api.engine.records(sent, 1000) if sent < last else []
+            while (live := await subscriber.next()) is not None:
+                if live.seq is not None and live.seq > sent:
+                    await subscriber.send(live)
         finally:
-            self._subscribers.discard(queue)
+            self._subscribers.discard(subscriber)
+
+
+class Subscriber:
+    """One events.subscribe stream: its filter, and a bounded buffer of what it has not yet read."""
+
+    def __init__(self, writer: asyncio.StreamWriter, request_id: Any, types: list[str] | None, session: str | None,
+                 buffer: int) -> None:
+        self.writer = writer
+        self.request_id = request_id
+        self.types = frozenset(types) if types is not None else None
+        self.session = session
+        self.queue: asyncio.Queue[Record | None] = asyncio.Queue(maxsize=buffer)
+
+    def wants(self, record: Record) -> bool:
+        if self.types is not None and record.type not in self.types:
+            return False
+        return self.session is None or str(record.payload.get("session_id") or "").startswith(self.session)
+
+    def offer(self, record: Record) -> bool:
+        try:
+            self.queue.put_nowait(record)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def next(self) -> Record | None:
+        return await self.queue.get()
+
+    async def send(self, record: Record) -> None:
+        self.writer.write(encode({"id": self.request_id, "event": record.public()}))
+        await self.writer.drain()
+
+    def close(self) -> None:
+        """The end of the stream (the daemon stops): after what is buffered."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
+        if self.queue.full():
+            self.cut_off("the daemon is stopping")
+
+    def cut_off(self, why: str) -> None:
+        """Say why, and close. A reader that is stalled for good never reads it, so the
+        connection is aborted a little later whatever it does (which ends the stream task)."""
+        transport = self.writer.transport
+        if transport.is_closing():
+            return
+        transport.write(error(self.request_id, "too_slow", why))
+        transport.close()
+        asyncio.get_running_loop().call_later(CUT_OFF_GRACE_S, transport.abort)
 
 
 def bind_socket(path: Path) -> socket.socket:
