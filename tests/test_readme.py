@@ -9,13 +9,12 @@ from pathlib import Path
 
 from conftest import PYTHON, ROOT, Procs
 
+from monitor.client import Client
+
 
 def run_example(name: str, env: dict[str, str] | None = None) -> list[str]:
     """Run the README's python block marked `<!-- example: NAME -->`; its output lines."""
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(rf"<!-- example: {name}.*?```python\n(.*?)```", readme, re.S)
-    assert block is not None, f"the README lost its {name} example"
-    result = subprocess.run([PYTHON, "-c", block.group(1)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    result = subprocess.run([PYTHON, "-c", readme_block(name, "python")], cwd=ROOT, capture_output=True, text=True, timeout=60,
                             env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
@@ -47,3 +46,41 @@ def test_client_example_runs_against_a_real_daemon(procs: Procs, tmp_path: Path)
     assert lines[1] == "[]"
     daemon.proc.terminate()
     daemon.proc.wait(10)
+
+
+def readme_block(name: str, language: str) -> str:
+    block = re.search(rf"<!-- example: {name}.*?```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block is not None, f"the README lost its {name} example"
+    return block.group(1)
+
+
+def test_webhook_config_and_receiver_examples_work_together(procs: Procs, tmp_path: Path) -> None:
+    """A new user's path: the README's config, pointed at the README's receiver, with a
+    session that exits 7: the receiver verifies the signature and prints the real status."""
+    import socket
+
+    from test_daemon import Daemon
+
+    from monitor.config import load_config
+
+    config = tmp_path / "config.toml"
+    config.write_text(readme_block("webhook-config", "toml"))
+    [endpoint] = load_config(config, env={}).webhooks  # the example, as written, is valid
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    receiver = procs.spawn(PYTHON, "-c", readme_block("receiver", "python"), stdout=subprocess.PIPE,
+                           env={**os.environ, "PORT": str(port), "WEBHOOK_SECRET": endpoint.secrets[0]})
+    config.write_text(config.read_text().replace(f'url = "{endpoint.url}"', f'url = "http://127.0.0.1:{port}/hook"\nallow_private = true'))
+    daemon = Daemon(procs, tmp_path / "run" / "monitor.sock", tmp_path / "state", "--config", str(config))
+    try:
+        with Client(daemon.socket) as client:
+            session = client.call("session.launch", argv=["sh", "-c", "exit 7"], cwd=str(tmp_path))
+        assert receiver.stdout is not None
+        line = receiver.stdout.readline().decode().split()
+        assert line == ["session.stopped", session["id"], "7"]
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+        daemon.proc.terminate()
+        daemon.proc.wait(10)
