@@ -10,6 +10,7 @@ only: it is root's (as root), and a URL or command is a privilege to grant.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import tomllib
 import urllib.parse
@@ -20,6 +21,8 @@ from typing import Any
 
 from monitor.errors import MonitorError
 from monitor.events import TRANSITION_TYPES
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(MonitorError):
@@ -142,6 +145,8 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] = os.e
             config = replace(config, hooks=_hooks(tables["hooks"], str(file)))
         if "webhooks" in tables:
             config = replace(config, webhooks=_webhooks(tables["webhooks"], str(file)))
+            if file.stat().st_mode & 0o077:
+                log.warning("%s holds webhook secrets but others may read it: chmod 600 %s", file, file)
     from_env = {}
     for f in fields(Config):
         if f.name in _FILE_ONLY:

@@ -352,3 +352,15 @@ def test_a_refused_name_never_connects(tmp_path: Path) -> None:
                 listener.accept()
 
     asyncio.run(main())
+
+
+def test_a_config_with_secrets_that_others_may_read_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[[webhooks]]\nurl = "https://example.com/x"\nsecret = "0123456789abcdef"\n')
+    path.chmod(0o644)
+    load_config(path, env={})
+    assert "holds webhook secrets but others may read it" in caplog.text and "0123456789abcdef" not in caplog.text
+    caplog.clear()
+    path.chmod(0o600)
+    load_config(path, env={})
+    assert "others may read it" not in caplog.text
