@@ -71,6 +71,7 @@ BACKOFF_FACTOR = 4.0
 JITTER = 0.2
 ERROR_TEXT_BYTES = 300  # of a failed answer's body, kept with the delivery
 DRAIN_BYTES = 64 * 1024  # read of an answer at most; a longer one costs the connection
+MAX_READY = 10_000  # events queued in memory per endpoint; beyond, they wait in the store
 
 
 class Observer(Protocol):
@@ -243,6 +244,9 @@ async def post(pool: httpcore.AsyncConnectionPool, endpoint: Endpoint, record: R
     except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
             OSError, ssl.SSLError) as err:
         return Answer(None, time.perf_counter() - started, f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+    except Exception as err:  # a bug, not the receiver's fault: recorded and retried like any failure
+        log.exception("webhook %s: sending event %s failed unexpectedly", endpoint.name, record.seq)
+        return Answer(None, time.perf_counter() - started, f"{type(err).__name__}: {err}")
     seconds = time.perf_counter() - started
     status = response.status
     if 200 <= status < 300:
@@ -306,7 +310,8 @@ class EndpointWorker:
         """A committed event, live. The next one in the log is queued at once; after a gap
         the store is read (in `run`), which is the truth."""
         assert record.seq is not None
-        if self.seen is not None and record.seq == self.seen + 1 and not self.catch_up and not self.loading:
+        if (self.seen is not None and record.seq == self.seen + 1 and not self.catch_up and not self.loading
+                and len(self.ready) < MAX_READY):
             self.seen = record.seq
             if self.wants(record):
                 self.unsettled.add(record.seq)
@@ -319,7 +324,7 @@ class EndpointWorker:
     async def run(self) -> None:
         while True:
             self.wake.clear()
-            if self.catch_up:
+            if self.catch_up and len(self.ready) < MAX_READY:
                 await self._catch_up()
             delay = None
             if self.disabled is None:
@@ -356,6 +361,9 @@ class EndpointWorker:
                     if len(rows) < 1000 or (rows[-1].seq or last) >= last:
                         break
                     self.seen = rows[-1].seq or last
+                    if len(self.ready) >= MAX_READY:  # the rest when these are sent
+                        self.catch_up = True
+                        return
                 self.seen = max(self.seen, last)
         finally:
             self.loading = False
