@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,16 +47,18 @@ class Outcome:
         return "ok" if self.ok else "timeout" if self.timed_out else "error" if self.error else "failed"
 
 
-def hook_environment(session: Session) -> dict[str, str]:
+def hook_environment(session: Session, *, status: bool = True) -> dict[str, str]:
+    """The hook's environment; with `status` False, the exit status, reason and duration are empty."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")}
+    ended = status and session.state == "stopped"
     env.update({
         "MONITOR_SESSION_ID": session.id,
         "MONITOR_CWD": session.cwd,
         "MONITOR_PID": str(session.key.pid),
-        "MONITOR_EXIT_CODE": "" if session.exit_code is None else str(session.exit_code),
-        "MONITOR_SIGNAL": "" if session.signal is None else str(session.signal),
-        "MONITOR_REASON": session.reason or "",
-        "MONITOR_DURATION_S": "" if session.duration_s is None else f"{session.duration_s:.3f}",
+        "MONITOR_EXIT_CODE": "" if not ended or session.exit_code is None else str(session.exit_code),
+        "MONITOR_SIGNAL": "" if not ended or session.signal is None else str(session.signal),
+        "MONITOR_REASON": session.reason or "" if ended else "",
+        "MONITOR_DURATION_S": "" if not ended or session.duration_s is None else f"{session.duration_s:.3f}",
     })
     for key, value in session.labels.items():
         env["MONITOR_LABEL_" + re.sub(r"[^A-Za-z0-9_]", "_", key).upper()] = value
@@ -63,10 +66,13 @@ def hook_environment(session: Session) -> dict[str, str]:
 
 
 async def run_hook(session: Session, hook: str, command: str, timeout_s: float = HOOK_TIMEOUT_S) -> Outcome:
-    """Run one of the session's hooks (`hook` names it: on_start, on_complete, ...)."""
+    """Run one of the session's hooks (`hook` names it: on_start, on_complete, config.on_start, ...).
+
+    An on_start hook sees the session as it started, with no status, even when it has ended
+    by the time the hook runs (a command over at once, or a hook waiting behind another)."""
     return await run_shell(command, what=f"{hook} hook of session {session.id}", cwd=session.cwd,
-                           env=hook_environment(session), uid=session.owner_uid, log_file=session.log_file,
-                           timeout_s=timeout_s)
+                           env=hook_environment(session, status=not hook.endswith("on_start")), uid=session.owner_uid,
+                           log_file=session.log_file, timeout_s=timeout_s)
 
 
 async def run_shell(command: str, *, what: str, cwd: str, uid: int | None, timeout_s: float,
@@ -75,16 +81,16 @@ async def run_shell(command: str, *, what: str, cwd: str, uid: int | None, timeo
     in a process group of its own that is killed at `timeout_s`, output appended to `log_file`
     (or logged). Failures are logged and returned, not raised."""
     as_user = uid is not None and uid != os.geteuid()
-    try:
-        output = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC) if log_file else None
-    except OSError as err:
-        log.warning("%s: cannot append to %s (%s); its output goes to this log", what, log_file, err)
-        output = None
+    if not os.path.isdir(cwd):  # not elsewhere: `rm -rf build` in the daemon's directory would be no better
+        log.error("%s could not run: its directory %s is gone", what, cwd)
+        return Outcome(error=f"could not run: {cwd} is not a directory")
+    output = _open_log(log_file, uid if as_user else None, what) if log_file else None
     try:
         proc = await asyncio.create_subprocess_shell(
-            command, cwd=cwd if os.path.isdir(cwd) else None, env=env, stdin=asyncio.subprocess.DEVNULL,
+            command, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=output if output is not None else asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, user=uid if as_user else None, group=_gid(uid) if as_user else None)
+            start_new_session=True, user=uid if as_user else None, group=_gid(uid) if as_user else None,
+            extra_groups=[] if as_user else None)  # not the daemon's supplementary groups (as the wrapper does)
     except OSError as err:
         log.error("%s could not run: %s", what, err)
         return Outcome(error=f"could not run: {err}")
@@ -120,6 +126,25 @@ async def _relay(stream: asyncio.StreamReader | None, what: str) -> None:
             if logged < OUTPUT_LOGGED_BYTES:
                 log.info("%s: %s", what, line.decode(errors="replace").rstrip())
             logged += len(line)
+
+
+def _open_log(path: str, uid: int | None, what: str) -> int | None:
+    """The session's log, opened (by the daemon, maybe root) to append a hook's output: only a
+    regular file, not through a symlink at its end, and when the hook runs as another user,
+    only a file of that user's. The user may have swapped it since the launch for a link to a
+    file of root's, or for a FIFO that would block the daemon's loop in open()."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        log.warning("%s: cannot append to %s (%s); its output goes to this log", what, path, err)
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
+        os.close(fd)
+        log.warning("%s: %s is not a regular file of uid %s any more; its output goes to this log", what, path,
+                    uid if uid is not None else os.geteuid())
+        return None
+    return fd
 
 
 def _gid(uid: int | None) -> int | None:
