@@ -264,6 +264,7 @@ class LockReleased(Transition):
     owner: ProcessKey | None
     reason: str
     evidence: str | None
+    session_id: str | None = None  # the session whose process held it
 
     @property
     def subject(self) -> str:

@@ -85,9 +85,13 @@ async def run_shell(command: str, *, what: str, cwd: str, uid: int | None, timeo
         log.error("%s could not run: its directory %s is gone", what, cwd)
         return Outcome(error=f"could not run: {cwd} is not a directory")
     output = _open_log(log_file, uid if as_user else None, what) if log_file else None
+    if as_user:
+        env = {**(os.environ if env is None else env), **_identity(uid)}
     try:
-        proc = await asyncio.create_subprocess_shell(
-            command, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+        # The shell enters the directory, as the user: subprocess's own chdir would come before
+        # the uid is dropped, through a symlink the user may have swapped in.
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", 'cd -- "$1" && eval "$0"', command, cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=output if output is not None else asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True, user=uid if as_user else None, group=_gid(uid) if as_user else None,
             extra_groups=[] if as_user else None)  # not the daemon's supplementary groups (as the wrapper does)
@@ -145,6 +149,19 @@ def _open_log(path: str, uid: int | None, what: str) -> int | None:
                     uid if uid is not None else os.geteuid())
         return None
     return fd
+
+
+def _identity(uid: int | None) -> dict[str, str]:
+    """HOME, USER, LOGNAME, SHELL of the user a command runs as, not the daemon's."""
+    import pwd
+
+    try:
+        entry = pwd.getpwuid(uid) if uid is not None else None
+    except KeyError:
+        entry = None
+    if entry is None:
+        return {"HOME": "/", "USER": str(uid), "LOGNAME": str(uid)}
+    return {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name, "SHELL": entry.pw_shell or "/bin/sh"}
 
 
 def _gid(uid: int | None) -> int | None:

@@ -127,7 +127,7 @@ class LockTable:
             self._drop(held.directory)  # the session now holds it through its process
         for held in dead:
             self._drop(held.directory)
-            transitions.append(LockReleased(held.directory, held.kind, held.owner, "taken_over", "relist"))
+            transitions.append(LockReleased(held.directory, held.kind, held.owner, "taken_over", "relist", held.session_id))
         self._put(lock)
         if reserved and lock.directory in {h.directory for h in reserved}:
             return transitions  # acquired already, when reserved: no second LockAcquired
@@ -139,12 +139,13 @@ class LockTable:
         lock = self._drop(directory)
         if lock is None:
             raise NotLocked(directory)
-        return [LockReleased(lock.directory, lock.kind, lock.owner, "unlocked", None)]
+        return [LockReleased(lock.directory, lock.kind, lock.owner, "unlocked", None, lock.session_id)]
 
     def release_owner(self, key: ProcessKey, evidence: str) -> list[Transition]:
         """Every lock `key` owns, released on the evidence of its exit."""
         released = [self._drop(d) for d in list(self._by_owner.get(key, ()))]
-        return [LockReleased(lock.directory, lock.kind, lock.owner, "owner_exited", evidence) for lock in released if lock]
+        return [LockReleased(lock.directory, lock.kind, lock.owner, "owner_exited", evidence, lock.session_id)
+                for lock in released if lock]
 
     def _put(self, lock: Lock) -> None:
         if lock.directory not in self.locks:

@@ -28,6 +28,7 @@ from typing import Any
 from monitor import __version__
 from monitor.engine import AlreadyDead, Engine
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess
+from monitor.events import TRANSITION_TYPES
 from monitor.fuses import NoFuse
 from monitor.launcher import Launcher, LaunchFailed
 from monitor.locks import LockHeld, NotLocked
@@ -438,8 +439,8 @@ class Server:
         what both the backlog and the live feed carry goes out once (by id)."""
         try:
             types = param(request.params, "types", list, None)
-            if types is not None and not all(isinstance(t, str) for t in types):
-                raise ProtocolError(BAD_REQUEST, "types is a list of event types")
+            if types is not None and not all(t in TRANSITION_TYPES for t in types):
+                raise ProtocolError(BAD_REQUEST, f"types is a list of event types: {', '.join(TRANSITION_TYPES)}")
             session = param(request.params, "session", str, None)
             since = param(request.params, "since", int, None)
             if since is not None and since < 0:

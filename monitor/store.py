@@ -187,7 +187,7 @@ class Store:
         return outbox_after(self._db, since, limit)
 
     def last_seq(self) -> int:
-        return int(self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+        return last_seq(self._db)
 
     def prune(self, before: float) -> int:
         """Forget events (and their deliveries) older than `before` (wall); how many went."""
@@ -216,6 +216,12 @@ def connect(path: Path, synchronous: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def last_seq(db: sqlite3.Connection) -> int:
+    """The newest event id ever given, kept by AUTOINCREMENT even when pruning emptied the log."""
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+    return int(row[0]) if row else 0
 
 
 def outbox_after(db: sqlite3.Connection, since: int, limit: int, *, where: str = "", args: tuple[Any, ...] = ()) -> list[Record]:
@@ -261,7 +267,7 @@ class DeliveryStore:
         self._db.execute("INSERT OR IGNORE INTO webhook_endpoints(name, cursor) VALUES (?, ?)", (name, cursor))
 
     def last_seq(self) -> int:
-        return int(self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+        return last_seq(self._db)
 
     def pending(self, endpoint: str) -> list[Delivery]:
         return self._select("WHERE endpoint = ? AND state = 'pending' ORDER BY next_at", (endpoint,))

@@ -195,10 +195,11 @@ def test_filters_by_type_and_by_session_prefix(start: Daemons, procs: Procs, tmp
             got_stops = stops.until(stopped_a)
     # Subscribed after the attach: a's stream starts with its stop request's consequences.
     assert [ev["session_id"] for ev in got_a] == [a["id"]] * len(got_a)
-    assert [ev["type"] for ev in got_a] == ["session.stopped"]
-    assert (got_a[0]["reason"], got_a[0]["signal"], got_a[0]["pid"], got_a[0]["cwd"], got_a[0]["labels"]) == (
+    assert [ev["type"] for ev in got_a] == ["lock.released", "session.stopped"]  # its lock goes first, with its exit
+    assert got_a[0]["directory"] == str(work_a)
+    assert (got_a[1]["reason"], got_a[1]["signal"], got_a[1]["pid"], got_a[1]["cwd"], got_a[1]["labels"]) == (
         "killed", 15, proc_a.pid, str(work_a), {"who": "a"})
-    assert [ev["id"] for ev in got_both] == [got_a[0]["id"]]
+    assert [ev["id"] for ev in got_both] == [got_a[1]["id"]]
     assert [(ev["type"], ev["session_id"]) for ev in got_stops] == [("session.stopped", b["id"]), ("session.stopped", a["id"])]
 
 
