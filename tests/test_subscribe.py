@@ -214,7 +214,7 @@ def test_since_replays_a_sessions_whole_history_under_its_filter(start: Daemons,
         client.call("session.stop", id=s["id"], grace_s=2)
     with Stream(d.socket, since=0, session=s["id"]) as stream:
         got = stream.until(lambda ev: ev["type"] == "session.stopped")
-    assert sorted(ev["type"] for ev in got) == ["lock.acquired", "session.started", "session.stopped"]
+    assert sorted(ev["type"] for ev in got) == ["lock.acquired", "lock.released", "session.started", "session.stopped"]
     assert {ev["session_id"] for ev in got} == {s["id"]}
     assert [ev["id"] for ev in got] == sorted(ev["id"] for ev in got) and got[0]["id"] > 2  # after the other lock's two
 
