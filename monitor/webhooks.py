@@ -181,12 +181,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                           socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, TimeoutError) as err:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {err}") from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        addresses = [host] if _is_address(host) else await _resolve(host, port, timeout)
         for address in addresses:  # all of them: a name must not hide a private address among public ones
             check_destination(address, self.allow_private)
         failure: Exception = httpcore.ConnectError(f"{host} has no address")
@@ -203,6 +198,23 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+async def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError) as err:
+        raise httpcore.ConnectError(f"cannot resolve {host}: {err}") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,11 +348,17 @@ class EndpointWorker:
                 while self.ready and len(self.in_flight) < self.endpoint.max_in_flight:
                     task = asyncio.get_running_loop().create_task(self._attempt(self.ready.popleft()))
                     self.in_flight.add(task)
-                    task.add_done_callback(self.in_flight.discard)
+                    task.add_done_callback(self._finished)
                 if self.retries and len(self.in_flight) < self.endpoint.max_in_flight:
                     delay = max(0.0, self.retries[0][0] - now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        """A slot is free only once the task is done: waking the loop before would find it
+        still counted, start nothing, and sleep with work ready (a lost wake-up)."""
+        self.in_flight.discard(task)
+        self.wake.set()
 
     async def _catch_up(self) -> None:
         """Queue what the store holds after `seen` that this endpoint has no record of. The
@@ -414,7 +432,6 @@ class EndpointWorker:
             if outcome != "disabled":
                 heapq.heappush(self.retries, (next_at, record.seq))
         self.owner.save(Delivery(self.name, record.seq, state, attempts, next_at, answer.status, answer.error, now), self)
-        self.wake.set()
 
     def enable(self) -> None:
         self.disabled = None

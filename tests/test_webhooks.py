@@ -23,6 +23,7 @@ from conftest import PYTHON, ROOT, Procs
 from receiver import Receiver, Reply, Request, agentctl_signature_ok, standard_signature_ok
 from test_daemon import Daemon
 
+from monitor.clock import SystemClock
 from monitor.config import ConfigError, Endpoint, load_config
 from monitor.store import Record
 from monitor.webhooks import RefusedDestination, check_destination, next_attempt, retry_after_s, webhook_body
@@ -364,3 +365,45 @@ def test_a_config_with_secrets_that_others_may_read_is_warned_about(tmp_path: Pa
     path.chmod(0o600)
     load_config(path, env={})
     assert "others may read it" not in caplog.text
+
+
+def test_a_burst_larger_than_max_in_flight_is_all_delivered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: attempts that finish in one loop iteration woke the worker before their
+    slots were free; it started nothing and slept with 16 events ready until the next event."""
+    import monitor.webhooks as webhooks
+
+    async def main() -> None:
+        answer = asyncio.Event()
+        sent: list[int] = []
+
+        async def post(pool: object, endpoint: Endpoint, record: Record, now: float) -> webhooks.Answer:
+            await answer.wait()  # the receiver answers every request at once
+            sent.append(record.seq or 0)
+            return webhooks.Answer(200, 0.0)
+
+        monkeypatch.setattr(webhooks, "post", post)
+
+        class Owner:
+            clock, observer = SystemClock(), None
+
+            def save(self, delivery: object, worker: object) -> None:
+                pass
+
+        worker = webhooks.EndpointWorker(Endpoint("e", "http://127.0.0.1:9/", ("x" * 16,), allow_private=True), Owner())  # type: ignore[arg-type]
+        worker.seen, worker.catch_up = 0, False
+        run = asyncio.get_running_loop().create_task(worker.run())
+        for seq in range(1, 21):
+            worker.offer(Record(f"m{seq}", "session.stopped", "s", {}, time.time(), seq))
+        await asyncio.sleep(0.05)
+        assert len(worker.in_flight) == 4 and len(worker.ready) == 16
+        answer.set()
+        async with asyncio.timeout(10):
+            while len(sent) < 20:
+                await asyncio.sleep(0.01)
+        assert sorted(sent) == list(range(1, 21)) and worker.cursor == 20
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        await worker.pool.aclose()
+
+    asyncio.run(main())
