@@ -250,3 +250,80 @@ def test_daemon_launch_numbers_are_sane(quick_daemon: dict[str, Any]) -> None:
     parts = split["launch_parts_median_us"]
     assert parts["spawn_to_registered_us"] > 0 and parts["stopped_to_reaped_us"] > 0
     assert parts["registered_to_stopped_us"] >= 0
+
+
+# -- the notify benchmark -------------------------------------------------------------------
+
+NOTIFY_MEASURES = {"webhook_baseline", "webhook", "subscriber_baseline", "subscriber", "stalled"}
+NOTIFY_BURSTS = {"webhook_baseline", "webhook", "subscriber_baseline", "subscriber"}
+
+
+@pytest.fixture(scope="module")
+def quick_notify(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench-notify") / "latest.json"
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "--quick", "--only", "notify", "--out", str(out), "--seed", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    for header in ("| measure | n | p50 |", "| measure | sessions matched |", "| SIGKILLed at once | arrived |"):
+        assert header in result.stdout  # the markdown tables
+    assert "### Notifications" in out.with_suffix(".md").read_text()
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+def test_notify_only_the_requested_benchmark(quick_notify: dict[str, Any]) -> None:
+    assert set(quick_notify) == {"meta", "notify"}
+    assert quick_notify["meta"]["quick"] is True
+    notify = quick_notify["notify"]
+    assert notify["daemon"]["source"] == "netlink"
+    assert notify["daemon"]["exit_status"] == 0  # stopped by SIGTERM, cleanly, and reaped
+    assert notify["signatures_bad"] == 0  # the receiver verified every webhook it got
+
+
+def test_notify_latencies_are_sane(quick_notify: dict[str, Any]) -> None:
+    sizes = quick_notify["meta"]["sizes"]
+    measures = quick_notify["notify"]["measures"]
+    assert set(measures) == NOTIFY_MEASURES
+    for key, m in measures.items():
+        assert m["n"] + m["missed"] == sizes["notify_n"], key
+        assert m["n"] > 0 and len(m["samples_us"]) == m["n"], key
+        assert 0 < m["p50_us"] <= m["p90_us"] <= m["p99_us"] <= m["max_us"], key
+        assert m["ratio_p50"] > 0 and m["ratio_p99"] > 0, key
+    assert measures["webhook"]["baseline"] == "webhook_baseline"
+    assert measures["subscriber"]["baseline"] == measures["stalled"]["baseline"] == "subscriber_baseline"
+    for base in ("webhook_baseline", "subscriber_baseline"):
+        assert measures[base]["ratio_p50"] == pytest.approx(1.0)
+    stalled = measures["stalled"]
+    assert stalled["vs_subscriber_p50"] > 0 and stalled["vs_subscriber_p99"] > 0
+    for key in ("webhook", "subscriber", "stalled"):
+        parts = measures[key]["breakdown_median_us"]
+        assert parts["matched"] == measures[key]["n"], key  # every sample found again among the sessions
+        assert parts["kill_to_stop_decided_us"] > 0 and parts["stop_decided_to_arrival_us"] > 0, key
+
+
+def test_notify_stalled_subscriber_was_stalled_and_cut_off(quick_notify: dict[str, Any]) -> None:
+    stall = quick_notify["notify"]["stall"]
+    assert len(stall["rounds"]) == quick_notify["notify"]["rounds"]
+    for r in stall["rounds"]:
+        for state in (r["before"], r["after"]):
+            assert state["socket_bytes"] > 0 and state["socket_lines"] > 0
+            assert state["held_by_daemon"] > 0  # its socket was full: the daemon kept the rest
+        assert r["after"]["published"] > r["before"]["published"]
+    cut = stall["cut_off"]
+    assert cut["cut_off"] is True and cut["dropped_subscribers"] >= 1
+    assert cut["published_at_detection"] > stall["subscriber_buffer"]
+    assert cut["closed_by_daemon"] is True
+    assert stall["churn_events_per_s"] > 0
+
+
+def test_notify_bursts_are_sane(quick_notify: dict[str, Any]) -> None:
+    n = quick_notify["meta"]["sizes"]["notify_burst_n"]
+    bursts = quick_notify["notify"]["burst"]
+    assert set(bursts) == NOTIFY_BURSTS
+    for key, b in bursts.items():
+        assert "error" not in b, (key, b.get("error"))  # every notification of the burst arrived
+        assert b["n"] == b["arrived"] == n, key
+        assert 0 < b["first_s"] <= b["last_s"], key
+        assert b["last_vs_baseline"] > 0 and b["sender_cpu_us_each"] > 0, key
