@@ -85,15 +85,18 @@ async def run_shell(command: str, *, what: str, cwd: str, uid: int | None, timeo
         log.error("%s could not run: its directory %s is gone", what, cwd)
         return Outcome(error=f"could not run: {cwd} is not a directory")
     output = _open_log(log_file, uid if as_user else None, what) if log_file else None
+    gid = None
     if as_user:
-        env = {**(os.environ if env is None else env), **_identity(uid)}
+        assert uid is not None
+        gid, identity = _account(uid)
+        env = {**(os.environ if env is None else env), **identity}
     try:
         # The shell enters the directory, as the user: subprocess's own chdir would come before
         # the uid is dropped, through a symlink the user may have swapped in.
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", 'cd -- "$1" && eval "$0"', command, cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=output if output is not None else asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, user=uid if as_user else None, group=_gid(uid) if as_user else None,
+            start_new_session=True, user=uid if as_user else None, group=gid,
             extra_groups=[] if as_user else None)  # not the daemon's supplementary groups (as the wrapper does)
     except OSError as err:
         log.error("%s could not run: %s", what, err)
@@ -151,23 +154,14 @@ def _open_log(path: str, uid: int | None, what: str) -> int | None:
     return fd
 
 
-def _identity(uid: int | None) -> dict[str, str]:
-    """HOME, USER, LOGNAME, SHELL of the user a command runs as, not the daemon's."""
+def _account(uid: int) -> tuple[int, dict[str, str]]:
+    """The group and HOME, USER, LOGNAME, SHELL of the user a command runs as, not the daemon's;
+    a uid with no passwd entry gets its own number as group and / as home."""
     import pwd
 
     try:
-        entry = pwd.getpwuid(uid) if uid is not None else None
+        entry = pwd.getpwuid(uid)
     except KeyError:
-        entry = None
-    if entry is None:
-        return {"HOME": "/", "USER": str(uid), "LOGNAME": str(uid)}
-    return {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name, "SHELL": entry.pw_shell or "/bin/sh"}
-
-
-def _gid(uid: int | None) -> int | None:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_gid if uid is not None else None
-    except KeyError:
-        return uid
+        return uid, {"HOME": "/", "USER": str(uid), "LOGNAME": str(uid)}
+    return entry.pw_gid, {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name,
+                          "SHELL": entry.pw_shell or "/bin/sh"}
