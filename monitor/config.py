@@ -176,6 +176,26 @@ def listen_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` spells, if it spells one: without a zone, an IPv4-mapped one as IPv4."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def non_public_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What a non-global address is, which webhooks are not sent to by default; None if global.
+    The one destination policy: the config checks literals with it, delivery every resolved address."""
+    if ip.is_global:
+        return None
+    return ("loopback" if ip.is_loopback else "link-local (cloud metadata lives there)" if ip.is_link_local
+            else "private" if ip.is_private else "not a public address")
+
+
 def _hooks(value: Any, origin: str) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ConfigError(f"{origin}: [hooks] is a table of on_start / on_complete commands")
@@ -221,12 +241,9 @@ def _webhooks(value: Any, origin: str) -> tuple[Endpoint, ...]:
             if unknown or not events:
                 raise ConfigError(f"{where}: events {sorted(unknown) or events} (known: {', '.join(TRANSITION_TYPES)})")
         allow_private = bool(table.get("allow_private", False))
-        try:
-            literal = ipaddress.ip_address(parts.hostname)
-        except ValueError:
-            literal = None
-        if literal is not None and not allow_private and not literal.is_global:
-            raise ConfigError(f"{where}: {parts.hostname} is not a public address; set allow_private = true to send there")
+        literal = ip_literal(parts.hostname)
+        if literal is not None and not allow_private and (refusal := non_public_kind(literal)):
+            raise ConfigError(f"{where}: {parts.hostname} is not a public address ({refusal}); set allow_private = true to send there")
         tuning: dict[str, Any] = {k: float(table[k]) for k in ("timeout_s", "max_age_s", "retry_first_s", "retry_max_s") if k in table}
         if "max_in_flight" in table:
             tuning["max_in_flight"] = table["max_in_flight"]

@@ -40,7 +40,6 @@ import functools
 import hashlib
 import heapq
 import hmac
-import ipaddress
 import json
 import logging
 import random
@@ -60,7 +59,7 @@ import httpcore
 
 from monitor import __version__
 from monitor.clock import Clock, SystemClock
-from monitor.config import Endpoint
+from monitor.config import Endpoint, ip_literal, non_public_kind
 from monitor.errors import MonitorError
 from monitor.store import Delivery, DeliveryStore, Record
 
@@ -162,12 +161,10 @@ def next_attempt(endpoint: Endpoint, attempts: int, created_at: float, now: floa
 
 
 def check_destination(address: str, allow_private: bool) -> None:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if not allow_private and not ip.is_global:
-        kind = ("loopback" if ip.is_loopback else "link-local (cloud metadata lives there)" if ip.is_link_local
-                else "private" if ip.is_private else "not a public address")
+    ip = ip_literal(address)
+    if ip is None:
+        raise RefusedDestination(f"{address!r} is not an address")
+    if not allow_private and (kind := non_public_kind(ip)):
         raise RefusedDestination(f"{ip} is {kind}; set allow_private = true on the endpoint to send there")
 
 
@@ -181,7 +178,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                           socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
-        addresses = [host] if _is_address(host) else await _resolve(host, port, timeout)
+        addresses = [host] if ip_literal(host) is not None else await _resolve(host, port, timeout)
         for address in addresses:  # all of them: a name must not hide a private address among public ones
             check_destination(address, self.allow_private)
         failure: Exception = httpcore.ConnectError(f"{host} has no address")
@@ -198,14 +195,6 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    return True
 
 
 async def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
