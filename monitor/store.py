@@ -272,9 +272,16 @@ class DeliveryStore:
     def pending(self, endpoint: str) -> list[Delivery]:
         return self._select("WHERE endpoint = ? AND state = 'pending' ORDER BY next_at", (endpoint,))
 
-    def deliveries(self, *, failed_only: bool = False, limit: int = 100) -> list[Delivery]:
-        where = "WHERE state = 'failed'" if failed_only else ""
-        return self._select(f"{where} ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
+    def deliveries(self, *, failed_only: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest deliveries, with their event's type, message id and subject (one query)."""
+        where = "WHERE d.state = 'failed'" if failed_only else ""
+        rows = self._db.execute(
+            "SELECT d.id, d.endpoint, d.seq, d.state, d.attempts, d.next_at, d.last_status, d.last_error, d.updated_at, "
+            f"o.type, o.id, o.subject FROM webhook_deliveries d LEFT JOIN outbox o ON o.seq = d.seq {where} "
+            "ORDER BY d.updated_at DESC, d.id DESC LIMIT ?", (limit,))
+        names = ("id", "endpoint", "event_id", "state", "attempts", "next_at", "last_status", "last_error", "updated_at",
+                 "type", "msg_id", "subject")
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
     def delivery(self, delivery_id: int) -> Delivery | None:
         found = self._select("WHERE id = ?", (delivery_id,))

@@ -533,15 +533,7 @@ class Webhooks:
                 for w in self.workers.values()]
 
     async def deliveries(self, *, failed_only: bool = False, limit: int = 100) -> list[dict[str, Any]]:
-        rows = await self.db(functools.partial(self.store.deliveries, failed_only=failed_only, limit=limit))
-        found = []
-        for d in rows:
-            record = await self.db(self.store.record, d.seq)
-            found.append({"id": d.id, "endpoint": d.endpoint, "event_id": d.seq, "state": d.state, "attempts": d.attempts,
-                          "next_at": d.next_at, "last_status": d.last_status, "last_error": d.last_error,
-                          "updated_at": d.updated_at, "type": record.type if record else None,
-                          "msg_id": record.id if record else None, "subject": record.subject if record else None})
-        return found
+        return await self.db(functools.partial(self.store.deliveries, failed_only=failed_only, limit=limit))
 
     async def retry(self, delivery_id: int) -> dict[str, Any]:
         """Send a stored delivery again now (same webhook-id): once, whatever its age."""
