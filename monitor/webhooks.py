@@ -502,8 +502,10 @@ class Webhooks:
 
     # -- progress, written in batches off the loop --------------------------------------------
 
-    def save(self, delivery: Delivery, worker: EndpointWorker) -> None:
-        self._unsaved.append(delivery)
+    def save(self, delivery: Delivery | None, worker: EndpointWorker) -> None:
+        """Record an outcome (if any) and the worker's cursor and state, soon, in a batch."""
+        if delivery is not None:
+            self._unsaved.append(delivery)
         self._dirty.add(worker)
         if self._saving is None:
             self._saving = asyncio.get_running_loop().create_task(self._save_soon())
@@ -560,7 +562,5 @@ class Webhooks:
         if worker is None:
             raise UnknownDelivery(f"no webhook endpoint {name!r} (configured: {', '.join(self.workers) or 'none'})")
         worker.enable()
-        self._dirty.add(worker)
-        if self._saving is None:
-            self._saving = asyncio.get_running_loop().create_task(self._save_soon())
+        self.save(None, worker)
         return {**worker.endpoint.public(), "disabled": False}
