@@ -123,6 +123,8 @@ def test_kill_9_at_random_points_of_a_launch_leaves_no_untracked_command(procs: 
             assert all(lk["pid"] in running for lk in locks), f"a lock no running command holds: {locks}"
             assert sorted(lk["directory"] for lk in locks) == sorted(s["cwd"] for s in running.values())
             launched = max(launched, len(running))
+            # a launch record outlives its restart only as a running session's
+            assert {p.stem for p in (state / "exits").glob("*.launch")} <= {s["id"] for s in running.values()}
         assert launched > 0, "no launch got through: the kills all came too early to test anything"
     finally:
         stop_all(daemon)
@@ -206,6 +208,7 @@ def test_a_full_disk_leaves_nothing_phantom_and_heals_by_itself(procs: Procs, pu
             attached.wait()
             wait_for(lambda: client.call("session.get", id=session["id"])["state"] == "stopped")
             assert status(daemon)["store"] != "ok"
+            assert "store FAILING: state store: disk full" in cli(daemon, "daemon", "status").stdout
         filler.unlink()
         wait_for(lambda: status(daemon)["store"] == "ok")
         with daemon.client() as client:
