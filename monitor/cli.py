@@ -22,6 +22,7 @@ from monitor.identity import ProcessKey
 from monitor.logs import configure_logging
 from monitor.protocol import ProtocolError
 from monitor.sources import SOURCE_NAMES, open_source
+from monitor.sources.base import EventSource
 from monitor.waiting import wait_on
 
 log = logging.getLogger("monitor.cli")
@@ -71,20 +72,45 @@ def _exit_json(event: Exited) -> dict[str, Any]:
 
 async def _wait(args: argparse.Namespace) -> int:
     options = _source_options(args) | {"types": ("exit",)}
+    write = line_writer(sys.stdout)
+
+    def report(event: Exited) -> None:  # inside the source's read callback: printed at once
+        write(json.dumps(_exit_json(event)) if args.json else describe_exit(event))
+
     async with open_source(args.source, **options) as source:
         keys = [ProcessKey.of(pid) for pid in args.pids]  # once listening: nothing falls between
-        log.info("waiting for %s with %s", ", ".join(str(k.pid) for k in keys), source.name)
         try:
-            results = await wait_on(source, keys, any_=args.any, timeout=args.timeout)
+            results = await wait_on(source, keys, any_=args.any, timeout=args.timeout, on_exit=report)
         except TimeoutError:
             print(f"monitor wait: timed out after {args.timeout:g}s", file=sys.stderr)
             return EXIT_TIMEOUT
-    for event in results:
-        print(json.dumps(_exit_json(event)) if args.json else describe_exit(event), flush=True)
     # Like the shell's `wait PID...`: the status of the last PID named (or the first to end with --any).
     deciding = results[0] if args.any else next(e for e in results if e.key == keys[-1])
     status = deciding.shell_status
     return EXIT_UNKNOWN_STATUS if status is None else status
+
+
+def line_writer(out: TextIO) -> Callable[[str], None]:
+    """Write one line and hand it to the reader at once. For a real file descriptor that is
+    one write(2) of the encoded line: no text layer and no flush on the way from the
+    event to the reader (a pipe's write of a line is whole, PIPE_BUF permitting)."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.StringIO, pytest's capture
+        def write_text(line: str) -> None:
+            out.write(line + "\n")
+            out.flush()
+
+        return write_text
+    out.flush()  # anything written the slow way comes first
+    encoding = getattr(out, "encoding", None) or "utf-8"
+
+    def write_fd(line: str) -> None:
+        data = (line + "\n").encode(encoding, "replace")
+        while data:
+            data = data[os.write(fd, data):]
+
+    return write_fd
 
 
 # -- events --------------------------------------------------------------------------------
@@ -144,27 +170,71 @@ async def _events(args: argparse.Namespace, out: TextIO) -> int:
     # Following a tree needs the forks even when they are not printed.
     kernel_types = tuple(sorted(set(types) | ({"fork", "exit"} if args.tree else {"exit"} if following else set())))
     options = _source_options(args) | {"types": kernel_types, "all_events": not following}
+    write = line_writer(out)
+    wanted = {"fork": Forked, "exec": Execed, "exit": Exited}
+    printed = (*(wanted[t] for t in types), Overrun)
+    alive: set[ProcessKey] = set()  # what we follow and have not seen end yet
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    ended: list[BaseException | None] = []  # set once, by the reader thread or by `watch()`
+
+    def end(error: BaseException | None) -> None:
+        if not ended:
+            ended.append(error)
+            loop.call_soon_threadsafe(_settle, done, error)
+
+    def on_event(event: Event) -> None:
+        # A threaded listener: in the source's reader thread, each line leaves as its
+        # event is decoded, without waking the event loop first.
+        if ended:
+            return
+        try:
+            if isinstance(event, printed):
+                write(json.dumps(event.to_dict()) if args.json else format_event(event))
+        except OSError as err:  # the reader went away (EPIPE): the end, said by the caller
+            end(err)
+            return
+        if following:
+            if isinstance(event, Forked):
+                alive.add(event.child)
+            elif isinstance(event, Exited):
+                alive.discard(event.key)
+                if not alive:
+                    end(None)
+
     async with open_source(args.source, **options) as source:
-        alive: set[ProcessKey] = set()  # what we follow and have not seen end yet
+        source.set_listener(on_event, threaded=True)
         if following:
             root = ProcessKey.of(args.pid)
             alive.add(root)
             source.watch(root, descendants=args.tree)
         log.info("listening with %s", source.name)
-        wanted = {"fork": Forked, "exec": Execed, "exit": Exited}
-        printed = (*(wanted[t] for t in types), Overrun)
-        async for event in source:
-            if isinstance(event, printed):
-                out.write((json.dumps(event.to_dict()) if args.json else format_event(event)) + "\n")
-                out.flush()
-            if following:
-                if isinstance(event, Forked):
-                    alive.add(event.child)
-                elif isinstance(event, Exited):
-                    alive.discard(event.key)
-                    if not alive:
-                        return 0
+        failed = loop.create_task(_source_failure(source))
+        try:
+            await asyncio.wait([done, failed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failed.cancel()
+            source.set_listener(None)
+        if failed.done() and not failed.cancelled():
+            failed.result()  # SourceFailed
+        done.result()
     return 0
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+async def _source_failure(source: EventSource) -> None:
+    """Returns (raising SourceFailed) once the source fails or closes: with a listener set,
+    `async for` yields nothing else, but still says how the stream ended."""
+    async for _ in source:
+        pass
 
 
 # -- doctor --------------------------------------------------------------------------------

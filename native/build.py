@@ -30,6 +30,7 @@ void cn_free(struct cn_state *st);
 int cn_watch(struct cn_state *st, int32_t tgid, int tree);
 void cn_unwatch(struct cn_state *st, int32_t tgid);
 int cn_drain(struct cn_state *st, int fd, struct cn_record *out, int max, int *overrun);
+uint64_t cn_received(struct cn_state *st);
 int cn_decode(const uint8_t *buf, size_t len, struct cn_record *out, int max);
 int pidfd_exit_status(int pidfd, int *status);
 """

@@ -67,6 +67,7 @@ struct cn_state {
 	uint32_t nbits;
 	int all_events;
 	int pending_err;	/* an error met after records were already written */
+	uint64_t received;	/* messages decoded, kept or not: how busy the socket is */
 	/* the last recvmmsg batch, and where decoding stopped in it */
 	unsigned int count, next;
 	size_t off;
@@ -152,6 +153,8 @@ static size_t decode_from(struct cn_state *st, const uint8_t *buf,
 	if (len == MESSAGE_SIZE) {	/* the kernel's one message per datagram */
 		if (max && *off == 0) {
 			unpack(buf, out);
+			if (st)
+				st->received++;
 			n = keep(st, out);
 			*off = len;
 		}
@@ -168,6 +171,8 @@ static size_t decode_from(struct cn_state *st, const uint8_t *buf,
 		    get_u32(p + OFF_IDX) == CN_IDX_PROC &&
 		    get_u32(p + OFF_VAL) == CN_VAL_PROC) {
 			unpack(p, out + n);
+			if (st)
+				st->received++;
 			n += keep(st, out + n);
 		}
 		*off += (msg_len + 3) & ~(size_t)3;	/* NLMSG_ALIGN */
@@ -310,6 +315,12 @@ int cn_drain(struct cn_state *st, int fd, struct cn_record *out, int max,
 		st->off = 0;
 	}
 	return (int)n;
+}
+
+/* Messages decoded since cn_new, kept or dropped by the filter. */
+uint64_t cn_received(struct cn_state *st)
+{
+	return st->received;
 }
 
 /* Decode one datagram without filtering: cnproc.decode() in C, for the tests. */

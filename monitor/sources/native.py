@@ -63,6 +63,8 @@ class NativeReader:
         self._overrun = _ffi.new("int *")
         self._drain = _lib.cn_drain
         self._unpack = RECORD.iter_unpack
+        self._total = 0
+        self.received = 0  # messages read from the socket in the last drain, kept or dropped
 
     def drain(self) -> tuple[list[Record], bool]:
         state = self._state
@@ -71,6 +73,8 @@ class NativeReader:
         n = self._drain(state, self._fd, self._out, self._max, self._overrun)
         if n < 0:
             raise _oserror(n)
+        total = int(_lib.cn_received(state))
+        self.received, self._total = total - self._total, total
         overrun = self._overrun[0] != 0
         if overrun:
             self._overrun[0] = 0
