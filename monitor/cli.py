@@ -174,25 +174,18 @@ async def _events(args: argparse.Namespace, out: TextIO) -> int:
     wanted = {"fork": Forked, "exec": Execed, "exit": Exited}
     printed = (*(wanted[t] for t in types), Overrun)
     alive: set[ProcessKey] = set()  # what we follow and have not seen end yet
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    ended: list[BaseException | None] = []  # set once, by the reader thread or by `watch()`
-
-    def end(error: BaseException | None) -> None:
-        if not ended:
-            ended.append(error)
-            loop.call_soon_threadsafe(_settle, done, error)
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_event(event: Event) -> None:
-        # A threaded listener: in the source's reader thread, each line leaves as its
-        # event is decoded, without waking the event loop first.
-        if ended:
+        # The source's listener: each line leaves inside its read callback, as the event
+        # is decoded, with no task switch on the way.
+        if done.done():
             return
         try:
             if isinstance(event, printed):
                 write(json.dumps(event.to_dict()) if args.json else format_event(event))
         except OSError as err:  # the reader went away (EPIPE): the end, said by the caller
-            end(err)
+            done.set_exception(err)
             return
         if following:
             if isinstance(event, Forked):
@@ -200,16 +193,16 @@ async def _events(args: argparse.Namespace, out: TextIO) -> int:
             elif isinstance(event, Exited):
                 alive.discard(event.key)
                 if not alive:
-                    end(None)
+                    done.set_result(None)
 
     async with open_source(args.source, **options) as source:
-        source.set_listener(on_event, threaded=True)
+        source.set_listener(on_event)
         if following:
             root = ProcessKey.of(args.pid)
             alive.add(root)
             source.watch(root, descendants=args.tree)
         log.info("listening with %s", source.name)
-        failed = loop.create_task(_source_failure(source))
+        failed = asyncio.get_running_loop().create_task(_source_failure(source))
         try:
             await asyncio.wait([done, failed], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -219,15 +212,6 @@ async def _events(args: argparse.Namespace, out: TextIO) -> int:
             failed.result()  # SourceFailed
         done.result()
     return 0
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 async def _source_failure(source: EventSource) -> None:

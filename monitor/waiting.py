@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,54 +27,39 @@ async def wait_on(
     """Watch `keys` on a started source and return their `Exited` events in arrival order:
     all of them, or the first with `any_`. Raises TimeoutError after `timeout` seconds.
 
-    Each is taken by a threaded listener (`set_listener(threaded=True)`): where the source
-    reads the kernel in a thread of its own (netlink) that is the reader thread, the
-    shortest path from the kernel, and `on_exit` is called right there, before this
-    coroutine even wakes (`monitor wait` prints from it): it must be thread-safe. The
-    source is this wait's alone meanwhile: other events are dropped, as iterating it would.
+    Each is taken by the source's listener (`set_listener`), inside its read callback:
+    the shortest path from the kernel, and `on_exit` is called right there, before this
+    coroutine even wakes (`monitor wait` prints from it). The source is this wait's alone
+    meanwhile: other events are dropped, as iterating it would.
     """
     keys = list(keys)
     remaining = set(keys)
     results: list[Exited] = []
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    lock = threading.Lock()  # the reader thread and a timeout may end the wait at once
-    finished = False
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def take(event: Event) -> None:
-        nonlocal finished
-        with lock:
-            if finished or not isinstance(event, Exited) or event.key not in remaining:
-                return
-            remaining.discard(event.key)
-            results.append(event)
-            if on_exit is not None:
-                on_exit(event)
-            if any_ or not remaining:
-                finished = True
-                loop.call_soon_threadsafe(_resolve, done)
+        if done.done() or not isinstance(event, Exited) or event.key not in remaining:
+            return
+        remaining.discard(event.key)
+        results.append(event)
+        if on_exit is not None:
+            on_exit(event)
+        if any_ or not remaining:
+            done.set_result(None)
 
-    source.set_listener(take, threaded=True)
+    source.set_listener(take)
     try:
-        for key in list(remaining):
-            if not finished:
+        for key in keys:
+            if not done.done():
                 source.watch(key)  # a key found dead here is taken at once
         log.info("waiting for %s with %s", ", ".join(str(k.pid) for k in keys), source.name)
-        if not finished:
+        if not done.done():
             await asyncio.wait_for(asyncio.shield(done), timeout)
     finally:
-        with lock:
-            finished = True
-            source.set_listener(None)
-            left = list(remaining)
-        for key in left:
+        source.set_listener(None)
+        for key in remaining:
             source.unwatch(key)
-    return list(results)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+    return results
 
 
 async def wait_for_exits(

@@ -273,7 +273,8 @@ int cn_drain(struct cn_state *st, int fd, struct cn_record *out, int max,
 	     int *overrun)
 {
 	size_t n = 0, room = max > 0 ? (size_t)max : 0;
-	int ret;
+	unsigned int want;
+	int ret, drained = 0;
 
 	if (st->pending_err) {
 		ret = -st->pending_err;
@@ -291,11 +292,10 @@ int cn_drain(struct cn_state *st, int fd, struct cn_record *out, int max,
 				st->off = 0;
 			}
 		}
-		if (n >= room)
+		if (n >= room || drained)
 			break;
-		ret = recvmmsg(fd, st->msgs,
-			       room - n < BATCH ? (unsigned int)(room - n) : BATCH,
-			       MSG_DONTWAIT, NULL);
+		want = room - n < BATCH ? (unsigned int)(room - n) : BATCH;
+		ret = recvmmsg(fd, st->msgs, want, MSG_DONTWAIT, NULL);
 		if (ret < 0) {
 			if (errno == ENOBUFS) {
 				*overrun = 1;
@@ -313,6 +313,10 @@ int cn_drain(struct cn_state *st, int fd, struct cn_record *out, int max,
 		st->count = ret;
 		st->next = 0;
 		st->off = 0;
+		/* Fewer than asked: the queue was empty. Another recvmmsg would only say
+		 * EAGAIN, one syscall more per wake-up; what arrives later wakes the
+		 * caller's poll again (level-triggered). */
+		drained = (unsigned int)ret < want;
 	}
 	return (int)n;
 }

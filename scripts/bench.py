@@ -645,7 +645,7 @@ def report_exits_by_callback(source: Any, method: str) -> None:
         elif isinstance(event, Overrun):
             say("O")
 
-    source.set_listener(on_event, threaded=True)  # say() is one write(2): safe from the reader thread
+    source.set_listener(on_event)
 
 
 async def latency_role(method: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -55,10 +54,6 @@ class EventSource:
         self._closed = False
         self._failure: BaseException | None = None
         self._listener: Callable[[Event], None] | None = None
-        self._listener_threaded = False
-        self._loop_thread: int | None = None  # the loop's thread: events from others are handed over
-        self._handoff: list[Event] = []  # emitted off the loop's thread, not yet delivered on it
-        self._handoff_lock = threading.Lock()
         self.counters: dict[str, int] = {"events": 0, "exits": 0, "overruns": 0, "resyncs": 0}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -68,7 +63,6 @@ class EventSource:
         if self._started:
             return
         self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         await self._start()
         self._started = True
 
@@ -114,44 +108,18 @@ class EventSource:
                 self._waiter = None
         return self._pending.popleft()
 
-    def set_listener(self, listener: Callable[[Event], None] | None, *, threaded: bool = False) -> None:
+    def set_listener(self, listener: Callable[[Event], None] | None) -> None:
         """Hand every event to `listener` the moment it is decoded, instead of queuing it
         for `async for`: the shortest path from the kernel to a consumer (no task switch).
 
         It runs in the event loop's thread, inside the source's own callback (and inside
         `watch()` for a key found dead there), so it must be quick and must not block.
-        With `threaded`, a source that reads the kernel in a thread of its own (netlink)
-        calls it right there, without waking the loop first: the listener must then be
-        safe to call from another thread (write to a file descriptor, `call_soon_threadsafe`).
         Events already queued stay queued for `async for`; None goes back to queuing.
         """
         self._listener = listener
-        self._listener_threaded = threaded and listener is not None
 
     def _emit(self, event: Event) -> None:
         self.counters["events"] += 1
-        if self._listener_threaded and self._listener is not None:
-            self._listener(event)
-            return
-        if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
-            # From a reader thread: queue it, and wake the loop once per batch.
-            with self._handoff_lock:
-                self._handoff.append(event)
-                first = len(self._handoff) == 1
-            if first and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._deliver_handoff)
-            return
-        if self._handoff:
-            self._deliver_handoff()  # in order: what a reader thread handed over came first
-        self._deliver(event)
-
-    def _deliver_handoff(self) -> None:
-        with self._handoff_lock:
-            events, self._handoff = self._handoff, []
-        for event in events:
-            self._deliver(event)
-
-    def _deliver(self, event: Event) -> None:
         if self._listener is not None:
             self._listener(event)
             return
@@ -160,10 +128,6 @@ class EventSource:
             self._waiter.set_result(None)
 
     def _wake(self) -> None:
-        if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._wake)
-            return
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 

@@ -28,7 +28,6 @@ import ctypes
 import errno
 import logging
 import os
-import select
 import socket
 import struct
 import subprocess
@@ -157,11 +156,6 @@ def _open_socket(netns: str | None) -> socket.socket:
     return result[0]
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 class NetlinkSource(EventSource):
     """Fork/exec/exit events from the kernel's proc connector."""
 
@@ -195,8 +189,8 @@ class NetlinkSource(EventSource):
         # Up to this many watched thread groups, a BPF filter in the kernel drops every
         # other process's events, so a fork storm elsewhere costs us nothing; 0: never.
         self.max_filtered_tgids = max_filtered_tgids
-        # A drain that finds `backlog_records` or more pauses reading for `coalesce_s`:
-        # see _pause_reading. Idle wake-ups (a drain of a few) are never delayed.
+        # A drain that reads `backlog_records` or more messages pauses reading for
+        # `coalesce_s` (see _pause_reading); a drain of a few never delays the next one.
         self.coalesce_s = coalesce_s
         self.backlog_records = backlog_records
         self._filter_mode = "mask"
@@ -205,12 +199,6 @@ class NetlinkSource(EventSource):
         self._confirming = False  # no tgid filter then: the probe may exit before we learn its PID
         self._sock: socket.socket | None = None
         self._reader: Reader | None = None
-        # The reader thread (see _read): it and the loop's thread share the policy's state
-        # (watches, the filters, the native bitmap) under this lock.
-        self._lock = threading.RLock()
-        self._thread: threading.Thread | None = None
-        self._stop_fd: int | None = None  # an eventfd: written to stop the thread
-        self._stopping = False
         self._check_gaps = False
         self._last_seq: dict[int, int] = {}
         self._confirm: asyncio.Future[None] | None = None
@@ -282,10 +270,8 @@ class NetlinkSource(EventSource):
             "rcvbuf_forced": rcvbuf_forced,
             "netns": self.netns,
         }
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._thread = threading.Thread(target=self._read, args=(sock.fileno(), self._stop_fd, self._reader),
-                                        name="monitor-netlink-reader", daemon=True)
-        self._thread.start()
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._on_readable)
 
     def _native_module(self) -> Any:
         if self.decoder == "python":
@@ -303,16 +289,15 @@ class NetlinkSource(EventSource):
         assert self._loop is not None and self._reader is not None
         self._confirm = self._loop.create_future()
         own = os.getpid()
-        with self._lock:
-            self._confirming = True
-            self._update_kernel_filter()
-            self._reader.watch_tgid(own)  # the native filter runs at drain time: naming them is enough
-            try:
-                probe = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, close_fds=True)
-            except OSError as err:
-                raise SourceUnavailable(self.name, f"cannot spawn the subscription probe: {err}") from err
-            self._probe_pids.add(probe.pid)  # before the reader can see its events: we hold the lock
-            self._reader.watch_tgid(probe.pid)
+        self._confirming = True
+        self._update_kernel_filter()
+        self._reader.watch_tgid(own)  # the native filter runs at drain time: naming them is enough
+        try:
+            probe = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, close_fds=True)
+        except OSError as err:
+            raise SourceUnavailable(self.name, f"cannot spawn the subscription probe: {err}") from err
+        self._probe_pids.add(probe.pid)
+        self._reader.watch_tgid(probe.pid)
         try:
             await asyncio.wait_for(asyncio.shield(self._confirm), self.confirm_timeout_s)
         except TimeoutError as err:
@@ -323,19 +308,14 @@ class NetlinkSource(EventSource):
             ) from err
         finally:
             probe.wait()
-            with self._lock:
-                self._confirming = False
-                for tgid in (own, probe.pid):
-                    if tgid not in self._watches:
-                        self._reader.unwatch_tgid(tgid)
-                self._update_kernel_filter()
-                if not self.all_events:
-                    self._probe_pids.clear()
-                self._confirm = None
-
-    async def close(self) -> None:
-        self._stop_reading()  # first: then the watches are let go with no reader in the middle
-        await super().close()
+            self._confirming = False
+            for tgid in (own, probe.pid):
+                if tgid not in self._watches:
+                    self._reader.unwatch_tgid(tgid)
+            self._update_kernel_filter()
+            if not self.all_events:
+                self._probe_pids.clear()
+            self._confirm = None
 
     async def _close(self) -> None:
         self._shutdown_socket()
@@ -343,7 +323,8 @@ class NetlinkSource(EventSource):
     def _shutdown_socket(self) -> None:
         if self._sock is None:
             return
-        self._stop_reading()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._sock.fileno())
         with contextlib.suppress(OSError):
             self._sock.send(cnproc.subscribe_message(cnproc.PROC_CN_MCAST_IGNORE, None))
         if self._reader is not None:
@@ -411,30 +392,11 @@ class NetlinkSource(EventSource):
         # in one batch cost one rebuild.
         if not self._filter_refresh_pending and self._loop is not None and self._program is not None:
             self._filter_refresh_pending = True
-            self._loop.call_soon_threadsafe(self._refresh_kernel_filter)
+            self._loop.call_soon(self._refresh_kernel_filter)
 
     def _refresh_kernel_filter(self) -> None:
-        with self._lock:
-            self._filter_refresh_pending = False
-            self._update_kernel_filter()
-
-    # The loop's thread enters the policy's state only under the lock the reader holds.
-
-    def watch(self, key: ProcessKey, *, descendants: bool = False) -> None:
-        with self._lock:
-            super().watch(key, descendants=descendants)
-
-    def unwatch(self, key: ProcessKey) -> None:
-        with self._lock:
-            super().unwatch(key)
-
-    def resync(self) -> int:
-        with self._lock:
-            return super().resync()
-
-    def watched(self) -> list[ProcessKey]:
-        with self._lock:
-            return super().watched()
+        self._filter_refresh_pending = False
+        self._update_kernel_filter()
 
     def _alive(self, watch: Watch) -> bool:
         if watch.fd is not None:
@@ -449,70 +411,40 @@ class NetlinkSource(EventSource):
 
     # -- the event path ---------------------------------------------------------------
 
-    def _read(self, fd: int, stop_fd: int, reader: Reader) -> None:
-        """The reader thread: block until the kernel has something (the GIL released, as a
-        C listener blocks in recv), then drain and decide right here, and hand the events
-        on (`_emit`): a threaded listener gets each at once, the loop is woken once per
-        batch. Waking the asyncio loop through epoll instead cost ~30 µs per exit more.
+    def _on_readable(self) -> None:
+        assert self._reader is not None
+        try:
+            records, overrun = self._reader.drain()
+        except OSError as err:
+            self._fail(err)
+            return
+        self.counters["received"] += len(records)
+        handle = self._handle
+        for record in records:
+            handle(record)
+        if overrun:
+            self._overrun()
+        if self._reader.received >= self.backlog_records and self.coalesce_s > 0:
+            self._pause_reading()
 
-        Interrupt moderation, as NAPI does for a network card: a drain that found a
-        backlog (`backlog_records` or more messages) means events come faster than one per
-        wake-up, and each wake-up costs more than decoding an event; so the next batch is
-        left to gather for `coalesce_s` (the 16 MiB buffer holds ~20,000 events, far more
-        than a millisecond of any storm). A drain of a few never delays the next wake-up:
-        at idle no exit waits for anything.
-        """
-        wait = select.poll()
-        wait.register(fd, select.POLLIN)
-        wait.register(stop_fd, select.POLLIN)
-        pause = select.poll()
-        pause.register(stop_fd, select.POLLIN)
-        pause_ms = max(1, round(self.coalesce_s * 1000)) if self.coalesce_s > 0 else 0
-        while not self._stopping:
-            try:
-                wait.poll()
-            except InterruptedError:
-                continue
-            with self._lock:
-                if self._stopping:
-                    return
-                try:
-                    records, overrun = reader.drain()
-                except OSError as err:
-                    self._fail(err)
-                    return
-                self.counters["received"] += len(records)
-                handle = self._handle
-                for record in records:
-                    handle(record)
-                if overrun:
-                    self._overrun()
-            if pause_ms and reader.received >= self.backlog_records:
-                self.counters["pauses"] += 1
-                pause.poll(pause_ms)  # returns early only to stop
+    def _pause_reading(self) -> None:
+        """Interrupt moderation, as NAPI does for a network card: a drain that found a
+        backlog (`backlog_records` or more messages, kept or dropped by the filter) means
+        events come faster than one per wake-up, and each wake-up costs more than decoding
+        an event; so the next batch is left to gather for `coalesce_s` (the 16 MiB buffer
+        holds ~20,000 events, far more than a millisecond of any storm). A drain of a few
+        leaves reading on: at idle no exit waits for anything."""
+        if self._loop is None or self._sock is None or self._failure is not None:
+            return
+        fd = self._sock.fileno()
+        self._loop.remove_reader(fd)
+        self.counters["pauses"] += 1
+        self._loop.call_later(self.coalesce_s, self._resume_reading, fd)
 
-    def _stop_reading(self) -> None:
-        thread, self._thread = self._thread, None
-        self._stopping = True
-        if self._stop_fd is not None:
-            with contextlib.suppress(OSError):
-                os.eventfd_write(self._stop_fd, 1)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-        if self._stop_fd is not None:
-            os.close(self._stop_fd)
-            self._stop_fd = None
-
-    def _set_confirmed(self) -> None:
-        """The subscription works: filter by tgid again at once (a moment without the filter
-        is a moment in which a fork storm elsewhere can fill the buffer), and say so to
-        _confirm_subscription, on the loop's thread."""
-        if self._confirming:
-            self._confirming = False
-            self._update_kernel_filter()
-        confirm, loop = self._confirm, self._loop
-        if confirm is not None and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(_resolve, confirm)
+    def _resume_reading(self, fd: int) -> None:
+        if self._sock is not None and self._sock.fileno() == fd and self._loop is not None and self._failure is None:
+            self._loop.add_reader(fd, self._on_readable)
+            self._on_readable()  # what gathered meanwhile, now, rather than after one more epoll round
 
     def _handle(self, record: Record) -> None:
         seq, what, cpu, ts, d0, d1, d2, d3, _d4, d5 = record
@@ -547,8 +479,8 @@ class NetlinkSource(EventSource):
             # The acknowledgement of a legacy LISTEN (err == 0). The kernel sends none
             # outside the initial namespaces, and a masked subscription filters it out.
             # Acks are multicast to every listener, so only the one echoing our nonce counts.
-            if d0 == 0 and seq == self._nonce:
-                self._set_confirmed()
+            if d0 == 0 and seq == self._nonce and self._confirm is not None and not self._confirm.done():
+                self._confirm.set_result(None)
         elif not what & self.event_mask:
             return  # not asked for (before 6.6 the BPF filter, or "none", passes more)
         elif what == PROC_EVENT_FORK:
@@ -571,8 +503,8 @@ class NetlinkSource(EventSource):
         someone else listens, and a host PID may equal our probe's namespace PID."""
         own = os.getpid()
         ours = (what == PROC_EVENT_FORK and tgid == own) or (what == PROC_EVENT_EXIT and exit_parent_tgid == own)
-        if ours:
-            self._set_confirmed()
+        if ours and self._confirm is not None and not self._confirm.done():
+            self._confirm.set_result(None)
         if what == PROC_EVENT_EXIT and tgid in self._probe_pids:
             self._probe_pids.discard(tgid)
 
