@@ -735,7 +735,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"monitor {args.command}: {err}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except UntrustedSocket as err:
-        print(f"monitor {args.command}: {err}" + ("" if args.command == "daemon" else "; nothing was sent to it"), file=sys.stderr)
+        if args.command == "daemon":  # its own runtime directory: a start that failed
+            print(f"monitor daemon: {err}", file=sys.stderr)
+            return 1
+        print(f"monitor {args.command}: {err}; nothing was sent to it", file=sys.stderr)
         return EXIT_UNREACHABLE
     except ProtocolError as err:
         print(f"monitor {args.command}: {err.message}" + (" [" + err.code + "]" if args.verbose else ""), file=sys.stderr)
