@@ -237,9 +237,7 @@ class Engine:
         for task in self._tasks:
             if task.get_name() != "monitor-commits":
                 task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # a task that died has said why (`failed`)
         self._tasks.clear()
         if self.actions is not None:
             await self.actions.close()

@@ -147,7 +147,7 @@ async def recover_launches(engine: Engine, rebuilt: bool) -> list[str]:
         if not rebuilt or launch.key is None or launch.ran is False:
             forget(engine, launch)
             continue
-        options = dict(launch.record)
+        options = {"pgid": launch.key.pid, **launch.record}
         try:
             try:
                 await engine.register(launch.key, **options)

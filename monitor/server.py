@@ -48,6 +48,7 @@ from monitor.protocol import (
     MAX_FRAME_BYTES,
     NOT_FOUND,
     PROTOCOL_VERSION,
+    STORAGE,
     UNAVAILABLE,
     AttachParams,
     DirectoryParams,
@@ -163,8 +164,8 @@ class Api:
             raise ProtocolError(CONFLICT, str(err)) from None
         except (AccessDenied, ForeignNamespace) as err:
             raise ProtocolError(FORBIDDEN, str(err)) from None
-        except StorageError as err:  # nothing was changed: the client may try again
-            raise ProtocolError(UNAVAILABLE, str(err)) from None
+        except StorageError as err:
+            raise ProtocolError(STORAGE, str(err)) from None
         except ValueError as err:
             raise ProtocolError(BAD_REQUEST, str(err)) from None
 
@@ -197,7 +198,8 @@ class Api:
         return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started_at, 3),
                 "source": source.name if source else None, "source_stats": source.stats() if source else {},
                 "sessions_running": len(self.engine.sessions()), "locks": len(self.engine.locks.locks),
-                "fuses": len(self.engine.fuses.fuses), "state_db": str(self.engine.state_path)}
+                "fuses": len(self.engine.fuses.fuses), "state_db": str(self.engine.state_path),
+                "store": self.engine.store_failure or "ok"}
 
     async def attach(self, peer: Peer, p: AttachParams) -> Any:
         pid = await asyncio.to_thread(translate, peer.pid, p.pid)  # the peer's PID namespace may not be ours
