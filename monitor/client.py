@@ -15,6 +15,7 @@ was sent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -76,6 +77,12 @@ class Client:
     def close(self) -> None:
         self._file.close()
         self._sock.close()
+
+    def shutdown(self) -> None:
+        """End a subscription that another thread is blocked reading: its iterator ends (a
+        subscription has no timeout, and closing the socket would not wake that read)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def _send(self, method: str, params: dict[str, Any]) -> int:
         self._next_id += 1

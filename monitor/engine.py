@@ -62,6 +62,10 @@ class Observer(Protocol):
     def hook_run(self, hook: str, outcome: str) -> None:
         """A hook ended: ok, failed, timeout or error."""
 
+    def exit_applied(self, event: Exited, released: int) -> None:
+        """The engine's memory took in a process's exit: the `released` locks it owned are
+        free to anyone asking from now on (their release is committed after)."""
+
 
 class AlreadyDead(MonitorError):
     def __init__(self, key: ProcessKey) -> None:
@@ -269,6 +273,8 @@ class Engine:
         if isinstance(event, Exited):
             # The lock goes first: released the moment its owner's exit is known.
             step = Step(self.locks.release_owner(event.key, event.source))
+            if self.observer is not None:
+                self.observer.exit_applied(event, len(step.transitions))
             step.extend(self.tracker.on_exited(event, now, wall))
             step.cause_ns = event.kernel_ts_ns or event.observed_ns or None
         elif isinstance(event, Forked):

@@ -46,12 +46,15 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from monitor.events import Exited
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,9 @@ class Metrics:
 
     def subscriber_dropped(self) -> None:
         self._dropped.inc()
+
+    def exit_applied(self, event: Exited, released: int) -> None:
+        pass  # exit_to_stop measures the whole way, to the committed stop
 
     def hook_run(self, hook: str, outcome: str) -> None:
         if outcome not in HOOK_OUTCOMES:
