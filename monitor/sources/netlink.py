@@ -175,7 +175,7 @@ class NetlinkSource(EventSource):
         batch: int = 256,
         max_filtered_tgids: int = 256,
         coalesce_s: float = 0.001,
-        backlog_records: int = 8,
+        backlog_records: int = 2,
     ) -> None:
         super().__init__(all_events=all_events)
         self.event_mask = cnproc.mask_of(types)
@@ -189,8 +189,8 @@ class NetlinkSource(EventSource):
         # Up to this many watched thread groups, a BPF filter in the kernel drops every
         # other process's events, so a fork storm elsewhere costs us nothing; 0: never.
         self.max_filtered_tgids = max_filtered_tgids
-        # A drain that reads `backlog_records` or more messages pauses reading for
-        # `coalesce_s` (see _pause_reading); a drain of a few never delays the next one.
+        # A drain that reads `backlog_records` or more messages switches reading to a poll
+        # every `coalesce_s` until a drain finds less (see _poll); a lone event is never delayed.
         self.coalesce_s = coalesce_s
         self.backlog_records = backlog_records
         self._filter_mode = "mask"
@@ -212,7 +212,7 @@ class NetlinkSource(EventSource):
         self._nonce = int.from_bytes(os.urandom(4), "little") or 1
         self.info: dict[str, Any] = {}
         self.counters["received"] = 0  # records that reached Python
-        self.counters["pauses"] = 0  # drains that found a backlog and let the next batch gather
+        self.counters["pauses"] = 0  # switches to polled reading: a drain found a backlog
 
     # -- opening and confirming ---------------------------------------------------------
 
@@ -412,39 +412,44 @@ class NetlinkSource(EventSource):
     # -- the event path ---------------------------------------------------------------
 
     def _on_readable(self) -> None:
+        """The socket is readable: drain it now. Reading is interrupt-driven until a drain
+        finds a backlog, then polled (see _poll)."""
+        if self._drain() and self.coalesce_s > 0 and self._loop is not None and self._sock is not None:
+            fd = self._sock.fileno()
+            self._loop.remove_reader(fd)
+            self.counters["pauses"] += 1
+            self._loop.call_later(self.coalesce_s, self._poll, fd)
+
+    def _poll(self, fd: int) -> None:
+        """Interrupt moderation, as NAPI does for a network card: a drain that found a
+        backlog (`backlog_records` or more messages, kept or dropped by the filter) means
+        events come faster than one per wake-up, and each wake-up costs more than decoding
+        an event; so from then on the socket is drained every `coalesce_s` (the 16 MiB
+        buffer holds ~20,000 events, far more than a millisecond of any storm), until a
+        drain finds little: then reading is interrupt-driven again. A lone event never
+        waits for anything."""
+        if self._sock is None or self._sock.fileno() != fd or self._loop is None or self._failure is not None:
+            return
+        if self._drain():
+            self._loop.call_later(self.coalesce_s, self._poll, fd)
+        elif self._failure is None:
+            self._loop.add_reader(fd, self._on_readable)
+
+    def _drain(self) -> bool:
+        """Read what the socket holds and decide on each record; True if it was a backlog."""
         assert self._reader is not None
         try:
             records, overrun = self._reader.drain()
         except OSError as err:
             self._fail(err)
-            return
+            return False
         self.counters["received"] += len(records)
         handle = self._handle
         for record in records:
             handle(record)
         if overrun:
             self._overrun()
-        if self._reader.received >= self.backlog_records and self.coalesce_s > 0:
-            self._pause_reading()
-
-    def _pause_reading(self) -> None:
-        """Interrupt moderation, as NAPI does for a network card: a drain that found a
-        backlog (`backlog_records` or more messages, kept or dropped by the filter) means
-        events come faster than one per wake-up, and each wake-up costs more than decoding
-        an event; so the next batch is left to gather for `coalesce_s` (the 16 MiB buffer
-        holds ~20,000 events, far more than a millisecond of any storm). A drain of a few
-        leaves reading on: at idle no exit waits for anything."""
-        if self._loop is None or self._sock is None or self._failure is not None:
-            return
-        fd = self._sock.fileno()
-        self._loop.remove_reader(fd)
-        self.counters["pauses"] += 1
-        self._loop.call_later(self.coalesce_s, self._resume_reading, fd)
-
-    def _resume_reading(self, fd: int) -> None:
-        if self._sock is not None and self._sock.fileno() == fd and self._loop is not None and self._failure is None:
-            self._loop.add_reader(fd, self._on_readable)
-            self._on_readable()  # what gathered meanwhile, now, rather than after one more epoll round
+        return self._reader.received >= self.backlog_records
 
     def _handle(self, record: Record) -> None:
         seq, what, cpu, ts, d0, d1, d2, d3, _d4, d5 = record
