@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import signal
 import subprocess
 import time
@@ -55,6 +56,23 @@ def test_wait_reports_a_signal_as_128_plus_it(procs: Procs, tmp_path: Path) -> N
     assert code == 128 + 15
     line = json.loads(out)
     assert (line["pid"], line["signal"], line["exit_code"], line["status"]) == (pid, 15, None, 143)
+
+
+def test_wait_prints_each_exit_the_moment_it_is_seen(procs: Procs, tmp_path: Path) -> None:
+    """Each line leaves from the source's read callback: the first of two exits is printed
+    while the second process still runs, not once the wait is over."""
+    first = gated_grandchild(procs, tmp_path / "one", "exit 4")
+    second = gated_grandchild(procs, tmp_path / "two", "exit 5")
+    waiter = start_monitor(procs, "wait", "--json", str(first), str(second), ready="waiting for")
+    assert waiter.stdout is not None
+    (tmp_path / "one").touch()
+    assert select.select([waiter.stdout], [], [], 20)[0], "no line for the first exit while the second runs"
+    assert json.loads(waiter.stdout.readline())["pid"] == first
+    assert waiter.poll() is None  # still waiting for the second
+    (tmp_path / "two").touch()
+    out, _ = waiter.communicate(timeout=20)
+    assert [json.loads(line)["pid"] for line in out.splitlines()] == [second]
+    assert waiter.returncode == 5
 
 
 def test_wait_times_out_with_124(procs: Procs) -> None:

@@ -17,6 +17,7 @@ from monitor.engine import AlreadyDead, Engine
 from monitor.events import (
     ChildExited,
     ChildUnobservable,
+    Exited,
     FuseFired,
     LockAcquired,
     LockReleased,
@@ -146,6 +147,41 @@ def test_the_lock_goes_with_its_owners_exit_in_the_same_step(tmp_path: Path) -> 
         assert (released.reason, released.evidence) == ("owner_exited", "fake")  # type: ignore[attr-defined]
 
     run(tmp_path, scenario)
+
+
+class ExitStamps:
+    """An Observer that records what the engine says of each exit it took in, and whether
+    any lock was still held at that moment."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.applied: list[tuple[ProcessKey, int, bool]] = []
+
+    def exit_applied(self, event: Exited, released: int) -> None:
+        assert self.engine is not None
+        self.applied.append((event.key, released, bool(self.engine.locks.locks)))
+
+    def exit_to_stop(self, seconds: float) -> None:
+        pass
+
+    def hook_run(self, hook: str, outcome: str) -> None:
+        pass
+
+
+def test_the_observer_hears_of_each_exit_once_its_locks_are_free(tmp_path: Path) -> None:
+    """`Observer.exit_applied`: the moment the engine's memory took in an exit (what the
+    benchmark stamps as "lock gone in memory"), with how many locks it freed."""
+    stamps = ExitStamps()
+
+    async def scenario(r: Rig) -> None:
+        stamps.engine = r.engine
+        key, _sid = await r.session("repo")
+        unlocked, _sid = await r.session("elsewhere", lock=False)
+        r.source.exit(key, exit_code=3)
+        r.source.exit(unlocked, exit_code=0)
+        assert stamps.applied == [(key, 1, False), (unlocked, 0, False)]  # the lock already gone, before any commit
+
+    run(tmp_path, scenario, observer=stamps)
 
 
 def test_locks_cover_subtrees_name_their_owner_and_take_over_the_dead(tmp_path: Path) -> None:

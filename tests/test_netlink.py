@@ -305,3 +305,39 @@ def test_exit_only_subscriptions_are_confirmed_every_time() -> None:
         return failures
 
     assert arun(starts(), timeout=120) == 0
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_backlog_is_polled_and_a_lone_exit_after_it_is_read_on_its_own_wakeup(decoder: str, procs: Procs) -> None:
+    """Interrupt moderation: exits that pile up while the loop is busy are drained together,
+    and switch the source to polling (a `pauses` count) until a poll finds the socket quiet;
+    then it reads on wake-ups again, and a lone exit neither waits for a poll nor starts one."""
+    source = _netlink_or_skip(decoder=decoder, types=("exit",))
+
+    async def scenario() -> None:
+        async with source:
+            burst = [procs.spawn("sleep", "60") for _ in range(20)]
+            keys = [ProcessKey.of(p.pid) for p in burst]
+            for key in keys:
+                source.watch(key)
+            for victim in burst:  # all of them die while the loop does not run: a backlog
+                victim.kill()
+            for victim in burst:
+                victim.wait()
+            seen: list[Event] = []
+            await next_exit(source, keys[-1], seen=seen)
+            while not set(keys) <= {e.key for e in seen if isinstance(e, Exited)}:
+                seen += await events_for(source, 0.1)
+            assert source.stats()["pauses"] == 1
+            await events_for(source, 0.05)  # polls until one finds nothing, then wake-ups again
+            pauses = source.stats()["pauses"]
+            lone = procs.spawn("sleep", "60")
+            key = ProcessKey.of(lone.pid)
+            source.watch(key)
+            lone.kill()
+            lone.wait()
+            event = await next_exit(source, key, timeout=5.0)
+            assert event.source == NETLINK
+            assert source.stats()["pauses"] == pauses  # a lone event is no backlog
+
+    arun(scenario())

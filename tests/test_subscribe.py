@@ -331,3 +331,24 @@ def test_a_since_in_the_future_is_refused_not_taken_to_skip_events(start: Daemon
     done = subprocess.run([PYTHON, "-m", "monitor", "--socket", str(d.socket), "events", "--daemon", "--since", "99"],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and "since 99 is after the last event (0)" in done.stderr, done
+
+
+def test_shutdown_ends_a_subscription_read_by_another_thread(start: Daemons, tmp_path: Path) -> None:
+    """A subscription waits for good; `Client.shutdown()` from another thread ends its
+    iterator (what the notify benchmark does to stop its reader thread)."""
+    d = start()
+    got: list[dict[str, Any]] = []
+    with Client(d.socket) as client:
+        stream = client.subscribe(types=["lock.acquired"])
+        reader = threading.Thread(target=lambda: got.extend(stream), name="test-subscriber")
+        reader.start()
+        with Client(d.socket) as other:
+            lock_cycle(other, tmp_path / "x")
+        client.shutdown()
+        reader.join(10)
+        ended = not reader.is_alive()
+        if not ended:  # end it the other way (the daemon's end) before closing: close() would wait for the read
+            d.proc.terminate()
+            reader.join(10)
+        assert ended, "the subscription's read was not ended"
+    assert [e["type"] for e in got] in (["lock.acquired"], [])  # whatever arrived first, then the end
