@@ -313,9 +313,11 @@ int cn_drain(struct cn_state *st, int fd, struct cn_record *out, int max,
 		st->count = ret;
 		st->next = 0;
 		st->off = 0;
-		/* Fewer than asked: the queue was empty. Another recvmmsg would only say
-		 * EAGAIN, one syscall more per wake-up; what arrives later wakes the
-		 * caller's poll again (level-triggered). */
+		/* Fewer than asked: the queue was empty, or an error stopped the batch
+		 * (net/socket.c, do_recvmmsg: it returns the datagrams so far and keeps
+		 * any error but EAGAIN in sk_err for the next call). Another recvmmsg
+		 * would only say EAGAIN, one syscall more per wake-up; what arrives
+		 * later, or the kept error, wakes the caller's poll again. */
 		drained = (unsigned int)ret < want;
 	}
 	return (int)n;
