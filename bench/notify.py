@@ -61,6 +61,8 @@ NOTIFY_BASELINE_OF = {"webhook_baseline": "webhook_baseline", "webhook": "webhoo
                       "subscriber_baseline": "subscriber_baseline",
                       "subscriber_commit_baseline": "subscriber_commit_baseline",
                       "subscriber": "subscriber_commit_baseline", "stalled": "subscriber_commit_baseline"}
+BURST_BASELINE_OF = {"webhook_baseline": "webhook_baseline", "webhook": "webhook_baseline",
+                     "subscriber_baseline": "subscriber_baseline", "subscriber": "subscriber_baseline"}
 NOTIFY_TARGETS = {"subscriber": 1.5}  # the project's goal for the p50, as a multiple of its baseline
 
 NOTIFY_LABELS = {
@@ -653,7 +655,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
     stalled["vs_subscriber_p50"] = ratio(stalled["p50_us"], alone["p50_us"])
     stalled["vs_subscriber_p99"] = ratio(stalled["p99_us"], alone["p99_us"])
     for key, burst in bursts.items():  # no ratio for a burst that lost some: its last arrival is not the last
-        burst["last_vs_baseline"] = None if "error" in burst else ratio(burst["last_s"], bursts[NOTIFY_BASELINE_OF[key]]["last_s"])
+        burst["last_vs_baseline"] = None if "error" in burst else ratio(burst["last_s"], bursts[BURST_BASELINE_OF[key]]["last_s"])
     stall["churn_events_per_phase"] = ctx.sizes.notify_churn_events
     churn_median_s = median(churn_s)
     stall["churn_events_per_s"] = ctx.sizes.notify_churn_events / churn_median_s if churn_median_s else None

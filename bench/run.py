@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -100,6 +101,10 @@ def run_benchmarks(args: argparse.Namespace) -> int:
             except BenchError as err:
                 log(f"{name} failed: {err}")
                 results[name] = {"error": str(err)}
+                failed = True
+            except Exception as err:  # a bug in one benchmark must not cost the others' results
+                log(f"{name} crashed:\n{traceback.format_exc()}")
+                results[name] = {"error": f"{type(err).__name__}: {err}"}
                 failed = True
             if run_failures(results[name]):
                 log(f"{name}: some runs failed (see the table); the exit status will say so")
