@@ -319,8 +319,8 @@ def tables(res: dict[str, Any]) -> str:
                      "committed p50 vs none held", "kill all → last lock gone in memory",
                      "→ first `LockReleased` committed", "→ last committed", "overruns"], held_rows)
     text = (f"A session per target (not the engine's child) with an auto lock on a directory of its own; the "
-            f"target stamps CLOCK_MONOTONIC and exits. Lock gone in memory: the engine's "
-            f"`locks.release_owner` has returned it; committed: the transition listener, which runs after the "
+            f"target stamps CLOCK_MONOTONIC and exits. Lock gone in memory: the engine's observer hears "
+            f"`exit_applied` (the lock is released in memory); committed: the transition listener, which runs after the "
             f"SQLite commit (WAL, synchronous=FULL). Baseline, one bare SQLite commit on the same disk: "
             f"p50 {fmt_us(floor['p50_us'])}, p99 {fmt_us(floor['p99_us'])}.\n\n{exits}\n\n"
             f"Where the time goes (medians of per-exit differences):\n\n{parts}\n\n"
