@@ -160,6 +160,29 @@ def stream(server: NatsServer) -> list[tuple[str, dict[str, str], dict[str, Any]
     return arun(_stream(server.url))
 
 
+async def _at_the_first_message(server: NatsServer, act: Callable[[], None]) -> None:
+    import nats
+
+    nc = await nats.connect(server.url)
+    try:
+        first: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def arrived(msg: Any) -> None:
+            if not first.done():
+                act()
+                first.set_result(msg.subject)
+
+        await nc.subscribe("monitor.>", cb=arrived)
+        await asyncio.wait_for(first, 30)
+    finally:
+        await nc.close()
+
+
+def at_the_first_message(server: NatsServer, act: Callable[[], None]) -> Any:
+    """Run `act` the moment the first message is published (in the middle of a burst)."""
+    return _at_the_first_message(server, act)
+
+
 def fleet(*args: str) -> Any:
     out = subprocess.run([PYTHON, "-m", "monitor", "fleet", *args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -267,13 +290,40 @@ def test_server_down_while_sessions_stop_loses_nothing_and_keeps_the_order(serve
              "40 events waiting while the server is down")
     assert host.metric("monitor_nats_failures_total") >= 1 and host.metric("monitor_nats_lag_seconds") > 0
     server.start()
+    arun(at_the_first_message(server, lambda: server.proc.kill() if server.proc else None))  # again, while it publishes
+    server.stop()
+    server.start()
     wait_for(lambda: host.metric("monitor_nats_published_total") >= 44 and not host.metric("monitor_nats_pending"), 30,
              "everything published once the server is back")
     events = host.events()
     assert len(events) == 44
     assert [body for _, _, body in stream(server)] == [{**event, "host": HOST_A} for event in events]
     stderr = host.stop()
-    assert stderr.count("nats: cannot reach") == 1, stderr  # one clear line, not one per retry
+    assert stderr.count("nats: cannot reach") == 2, stderr  # one clear line per outage, not one per retry
+
+
+@needs_server
+def test_a_stream_deleted_under_the_daemon_is_made_again_and_nothing_is_lost(server: NatsServer, procs: Procs, tmp_path: Path,
+                                                                          hosts: list[Host]) -> None:
+    hosts.append(Host(procs, tmp_path, HOST_A, nats_table(server)))
+    host = hosts[0]
+    host.run("true")
+    wait_for(lambda: host.metric("monitor_nats_published_total") >= 4, 20, "the first events published")
+
+    async def delete_stream() -> None:
+        import nats
+
+        nc = await nats.connect(server.url)
+        try:
+            await nc.jetstream().delete_stream("MONITOR")
+        finally:
+            await nc.close()
+
+    arun(delete_stream())
+    host.run("exit 5")  # its first publish finds no stream (no responders): it is not stored, and must be sent again
+    wait_for(lambda: host.metric("monitor_nats_published_total") >= 8, 20, "the next events published")
+    assert [body for _, _, body in stream(server)] == [{**event, "host": HOST_A} for event in host.events()[4:]]
+    assert host.metric("monitor_nats_failures_total") >= 1
 
 
 @needs_server
@@ -286,25 +336,8 @@ def test_a_daemon_killed_during_a_burst_publishes_each_event_exactly_once(server
         host.run("true")
     wait_for(lambda: host.metric("monitor_nats_pending") >= 400, 30, "the burst committed")
 
-    async def kill_at_the_first_message() -> None:
-        import nats
-
-        server.start()
-        nc = await nats.connect(server.url)
-        try:
-            first = asyncio.get_running_loop().create_future()
-
-            async def arrived(msg: Any) -> None:
-                if not first.done():
-                    os.kill(host.daemon.proc.pid, signal.SIGKILL)
-                    first.set_result(msg.subject)
-
-            await nc.subscribe("monitor.>", cb=arrived)
-            await asyncio.wait_for(first, 30)
-        finally:
-            await nc.close()
-
-    arun(kill_at_the_first_message())
+    server.start()
+    arun(at_the_first_message(server, lambda: os.kill(host.daemon.proc.pid, signal.SIGKILL)))
     host.daemon.proc.wait(10)
     published_before = len(stream(server))
     assert 0 < published_before < 400  # killed in the middle of the burst
