@@ -14,6 +14,7 @@ send and its record means one more send with the same id, never none.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -123,10 +124,12 @@ class Feed:
 
 class Saver:
     """Progress written soon and in batches, off the event loop: `kick()` after each change;
-    one task calls `write()` until a call finds nothing new to write."""
+    one task calls `write()` until a call finds nothing new to write, at most once every
+    `interval_s` (a burst then costs a few writes, not one per event)."""
 
-    def __init__(self, write: Callable[[], Awaitable[bool]]) -> None:
+    def __init__(self, write: Callable[[], Awaitable[bool]], interval_s: float = 0.0) -> None:
         self.write = write  # writes what changed; False when there was nothing
+        self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
 
     def kick(self) -> None:
@@ -136,12 +139,15 @@ class Saver:
     async def _run(self) -> None:
         try:
             while await self.write():
-                pass
+                if self.interval_s:
+                    await asyncio.sleep(self.interval_s)
         finally:
             self._task = None
 
     async def flush(self) -> None:
-        """Wait for the batch being written, then write what is left."""
+        """Write what is left now (the last word at a clean stop)."""
         if self._task is not None:
-            await self._task
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         await self.write()

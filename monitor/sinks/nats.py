@@ -35,6 +35,7 @@ from monitor.store import CursorStore, Record
 log = logging.getLogger(__name__)
 
 SINK_NAME = "nats"  # its row in sink_cursors
+CURSOR_SAVE_S = 0.05  # the cursor is written at most this often: a kill -9 resends at most this much (same ids)
 
 
 class StreamMismatch(MonitorError):
@@ -78,7 +79,7 @@ class NatsSink:
         self.duplicates = 0
         self.saved: int | None = None  # the cursor as last written
         self.thread = StoreThread("nats")
-        self.saver = Saver(self._save)
+        self.saver = Saver(self._save, CURSOR_SAVE_S)
         self._db: CursorStore | None = None
         self._task: asyncio.Task[None] | None = None
         link.setups.append(lambda js: ensure_stream(js, config))
