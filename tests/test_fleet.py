@@ -9,9 +9,11 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -65,7 +67,7 @@ class Host:
         self.config = base / "config.toml"
         self.config.write_text(f"[nats]\nhost = {json.dumps(name)}\n{nats}\n")
         self.config.chmod(0o600)
-        self.socket = Path(f"/tmp/monitor-fleet-{os.getpid()}-{id(self)}.sock")
+        self.socket = Path(tempfile.mkdtemp(prefix="monitor-fleet-")) / "monitor.sock"  # short: a socket path is at most 107 bytes
         self.state = base / "state"
         self.work = base / "work"
         self.work.mkdir()
@@ -125,6 +127,7 @@ def hosts(procs: Procs, tmp_path: Path) -> Iterator[list[Host]]:
         if host.daemon.proc.poll() is None:
             host.daemon.proc.terminate()
             host.daemon.proc.wait(10)
+        shutil.rmtree(host.socket.parent, ignore_errors=True)
 
 
 def nats_table(server: NatsServer, extra: str = "") -> str:
