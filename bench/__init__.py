@@ -12,6 +12,7 @@ benchmark is one module here, and reads on its own:
     engine    exit -> lock released and committed; 10,000 sessions          bench/engine.py
     daemon    socket round trips, lock ops, `monitor launch`                bench/daemon.py
     notify    exit -> webhook received / subscriber line; stalls; bursts    bench/notify.py
+    fleet     exit -> event read from NATS JetStream; a burst of stops      bench/fleet.py
 
 A benchmark module has `TITLE`, its own `Sizes` with `FULL` and `QUICK`, `run(ctx) -> dict`
 (JSON-able results; `ctx.sizes` is FULL or QUICK) and `tables(result) -> str` (markdown,
@@ -26,4 +27,4 @@ processes, all reaped; the C helpers in bench/c/; the daemon), stats
 (`statistics.quantiles`), table (the one table printer), run (the command line).
 """
 
-BENCHMARKS = ("latency", "storm", "scale", "engine", "daemon", "notify")
+BENCHMARKS = ("latency", "storm", "scale", "engine", "daemon", "notify", "fleet")
