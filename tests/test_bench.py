@@ -41,6 +41,7 @@ pytestmark = [
 EVENT_METHODS = ("c_listener", "py_asyncio_minimal", "py_thread_minimal", "netlink_python", "netlink_native",
                  "netlink_python_cb", "netlink_native_cb", "pidfd", "pidfd_cb", "cli_events")
 CLI_METHODS = ("cli_events", "cli_wait")
+IDLE_METHODS = ("c_listener_idle",)
 POLL_METHODS = ("poll_psutil_100ms", "kill0_1s")
 
 
@@ -70,13 +71,17 @@ def test_meta_and_only_the_requested_benchmark(quick_latency: dict[str, Any]) ->
 def test_every_method_has_a_row(quick_latency: dict[str, Any]) -> None:
     latency = quick_latency["latency"]
     assert latency["baseline"] == "c_listener"
-    assert set(latency["methods"]) == set(EVENT_METHODS + POLL_METHODS + CLI_METHODS)
+    assert set(latency["methods"]) == set(EVENT_METHODS + POLL_METHODS + CLI_METHODS + IDLE_METHODS)
+    # `monitor wait` is held against the C listener left as idle before each exit as it is.
+    assert latency["methods"]["cli_wait"]["baseline"] == "c_listener_idle"
+    assert latency["methods"]["cli_wait"]["idle_s"] == latency["methods"]["c_listener_idle"]["idle_s"] > 0
 
 
 def test_latency_numbers_are_sane(quick_latency: dict[str, Any]) -> None:
     sizes = quick_latency["latency"]["sizes"]
     expected_n = {m: sizes["event_n"] for m in EVENT_METHODS}
-    expected_n.update(poll_psutil_100ms=sizes["poll_n"], kill0_1s=sizes["kill_n"], cli_wait=sizes["wait_n"])
+    expected_n.update(poll_psutil_100ms=sizes["poll_n"], kill0_1s=sizes["kill_n"], cli_wait=sizes["wait_n"],
+                      c_listener_idle=sizes["wait_n"])
     for key, m in quick_latency["latency"]["methods"].items():
         if m.get("status") == "not built":
             assert "native" in key
