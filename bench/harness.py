@@ -265,7 +265,7 @@ def role(module: str, *args: str, name: str | None = None, **options: Any) -> He
 def start_listener(ctx: Ctx, mode: str, method: str, *extra: str) -> Helper:
     """The listener for `method` (bench/listener.py, or the C one), once it says READY
     (the subscription is confirmed)."""
-    if method == "c_listener":
+    if method.startswith("c_listener"):  # c_listener_idle too: the same program, used otherwise
         helper = Helper("C listener", [ctx.bins["cnlisten"], "lat" if mode == "latency" else "storm", *extra])
     else:
         helper = role("listener", mode, method, *extra, name=f"{mode} listener ({method})")
