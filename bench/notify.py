@@ -644,7 +644,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
         status = rig.close(abandon=not ok) if rig is not None else None
     if status != 0:
         raise BenchError(f"the daemon exited with {status} on SIGTERM:\n{rig.daemon.output() if rig else ''}")
-    for res in results.values():
+    for key, res in results.items():
         base = results[res["baseline"]]
         res["ratio_p50"] = ratio(res["p50_us"], base["p50_us"])
         res["ratio_p99"] = ratio(res["p99_us"], base["p99_us"])
@@ -717,7 +717,9 @@ def tables(res: dict[str, Any]) -> str:
         f"`sleep` of ours attached with `session.attach` (lock=False), SIGKILLed through its pidfd at t0, reaped "
         f"after; latency = arrival − t0 of that session's notification. Baselines, same kill: this process waits "
         f"on the pidfd, then POSTs a small signed JSON with httpcore to the same receiver, or writes one line over a "
-        f"socketpair to a reader thread. {res['rounds']} rounds interleave the five measures, {res['warmup']} warm-up "
+        f"socketpair to a reader thread, with or without one fsync'd SQLite commit first (WAL, synchronous=FULL, on "
+        f"the daemon's disk: what the daemon must at least do before it may send). {res['rounds']} rounds interleave "
+        f"the {len(res['measures'])} measures, {res['warmup']} warm-up "
         f"samples dropped per phase; signatures that failed the receiver's check: {res['signatures_bad']}. The "
         f"endpoint stays configured throughout: the daemon POSTs each stop during the subscriber measures too.\n\n"
         f"{measures}\n\n"
