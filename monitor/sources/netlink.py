@@ -414,7 +414,8 @@ class NetlinkSource(EventSource):
     def _on_readable(self) -> None:
         """The socket is readable: drain it now. Reading is interrupt-driven until a drain
         finds a backlog, then polled (see _poll)."""
-        if self._drain() and self.coalesce_s > 0 and self._loop is not None and self._sock is not None:
+        self._drain()
+        if self._backlog() and self.coalesce_s > 0 and self._loop is not None and self._sock is not None:
             fd = self._sock.fileno()
             self._loop.remove_reader(fd)
             self.counters["pauses"] += 1
@@ -430,26 +431,32 @@ class NetlinkSource(EventSource):
         waits for anything."""
         if self._sock is None or self._sock.fileno() != fd or self._loop is None or self._failure is not None:
             return
-        if self._drain():
+        self._drain()
+        if self._backlog():
             self._loop.call_later(self.coalesce_s, self._poll, fd)
         elif self._failure is None:
             self._loop.add_reader(fd, self._on_readable)
 
-    def _drain(self) -> bool:
-        """Read what the socket holds and decide on each record; True if it was a backlog."""
-        assert self._reader is not None
+    def _backlog(self) -> bool:
+        """Whether the last drain read enough messages to call it a backlog."""
+        return self._reader is not None and self._failure is None and self._reader.received >= self.backlog_records
+
+    def _drain(self) -> int:
+        """Read what the socket holds and decide on each record; how many records."""
+        if self._reader is None:
+            return 0
         try:
             records, overrun = self._reader.drain()
         except OSError as err:
             self._fail(err)
-            return False
+            return 0
         self.counters["received"] += len(records)
         handle = self._handle
         for record in records:
             handle(record)
         if overrun:
             self._overrun()
-        return self._reader.received >= self.backlog_records
+        return len(records)
 
     def _handle(self, record: Record) -> None:
         seq, what, cpu, ts, d0, d1, d2, d3, _d4, d5 = record
