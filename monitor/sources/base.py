@@ -5,6 +5,12 @@ asyncio loop, iterated with `async for`, and told which processes matter with
 `watch(key)` / `unwatch(key)`. Once a key is watched the source owes exactly one
 `Exited` for it (unless it is unwatched first), from whatever evidence comes first;
 a key that is already dead when watched yields its `Exited` at once.
+
+A tree watch (`descendants=True`) reports each new descendant as `Forked` and
+follows it as a tree too, even one already dead when its fork is learnt: its
+`Forked` comes first, then (netlink: once its own records are read, so its own
+forks come before it) its `Exited`. With `existing=True` the descendants alive at
+the watch are taken too (`/proc/PID/task/*/children`, recursively).
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from monitor.errors import NoSuchProcess, SourceFailed
+from monitor.errors import MonitorError, NoSuchProcess, SourceFailed
 from monitor.events import RELIST, Event, Exited, Forked, Overrun
-from monitor.identity import ProcessKey, zombie_exit_status
+from monitor.identity import ProcessKey, children_of, zombie_exit_status
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +144,23 @@ class EventSource:
 
     # -- watching --------------------------------------------------------------------
 
-    def watch(self, key: ProcessKey, *, descendants: bool = False) -> None:
-        """Report this process's exit (and, with `descendants`, its new descendants)."""
+    def watch(self, key: ProcessKey, *, descendants: bool = False, existing: bool = False) -> None:
+        """Report this process's exit (and, with `descendants`, its new descendants; with
+        `existing` too, the descendants it has now, as `Forked` events)."""
         if self._closed:
             raise SourceFailed(f"{self.name}: the source is closed")
         old = self._watches.get(key.pid)
+        if old is not None and old.key == key:
+            old.descendants = old.descendants or descendants
+        else:
+            self._watch_new(key, descendants)
+        watch = self._watches.get(key.pid)
+        if existing and descendants and watch is not None and watch.key == key:
+            self._take_existing(watch)
+
+    def _watch_new(self, key: ProcessKey, descendants: bool) -> None:
+        old = self._watches.get(key.pid)
         if old is not None:
-            if old.key == key:
-                old.descendants = old.descendants or descendants
-                return
             # Another process held this PID before: the PID was reused, so the old
             # one is dead, whatever its watch said.
             self._finish(old, self._exit_status(old), self.found_dead_evidence)
@@ -204,10 +218,65 @@ class EventSource:
         self.counters["exits"] += 1
         self._emit(Exited.from_wait_status(watch.key, status, source, kernel_ts_ns, time.monotonic_ns()))
 
-    def _track_child(self, parent: Watch, child: ProcessKey, kernel_ts_ns: int | None, source: str) -> None:
-        """A descendant of a tree-watched process appeared: report it and watch it too."""
+    def _track_child(self, parent: Watch, child: ProcessKey, kernel_ts_ns: int | None, source: str) -> Watch | None:
+        """A descendant of a tree-watched process appeared: watch it (as a tree), report
+        it, and if it is already dead, its exit right after. Returns its watch while it lives.
+
+        Watched before it is reported, so a consumer that watches it on `Forked` finds
+        it watched; reported before its death, so `Forked` always precedes `Exited`.
+        """
+        watch = self._adopt(child)
         self._emit(Forked(parent.key, child, source, kernel_ts_ns))
-        self.watch(child, descendants=True)
+        if self._watches.get(child.pid) is not watch:
+            return None  # unwatched (or finished) by the consumer meanwhile
+        if watch.extra.get("gone") or not self._alive(watch):
+            self._finish(watch, self._exit_status(watch), self.found_dead_evidence)
+            return None
+        return watch
+
+    def _adopt(self, child: ProcessKey) -> Watch:
+        """Watch a new descendant as a tree, without judging whether it lives. One gone
+        before it could be taken hold of stays watched, marked `gone`, until its death
+        is reported (by the caller; netlink: by its own exit record)."""
+        old = self._watches.get(child.pid)
+        if old is not None and old.key == child:
+            old.descendants = True
+            return old
+        if old is not None:
+            self._finish(old, self._exit_status(old), self.found_dead_evidence)
+        watch = Watch(child, True)
+        self._watches[child.pid] = watch
+        try:
+            self._attach(watch)
+        except NoSuchProcess:
+            watch.extra["gone"] = True
+        return watch
+
+    def _take_existing(self, root: Watch) -> None:
+        """Every descendant the tree has now, as `Forked` of its parent, each then watched.
+
+        Each is watched before its own children are listed, so a child it forks in
+        between is seen either here or by the source's own fork tracking.
+        """
+        stack = [root]
+        while stack:
+            parent = stack.pop()
+            for pid in self._children_of(parent.key.pid):
+                if pid == parent.key.pid:
+                    continue
+                old = self._watches.get(pid)
+                try:
+                    key = old.key if old is not None else ProcessKey.of(pid)
+                except MonitorError:
+                    continue  # gone already
+                if old is not None and old.descendants:
+                    continue  # followed already (a fork event was quicker)
+                watch = self._track_child(parent, key, None, self.name)
+                if watch is not None:
+                    stack.append(watch)
+
+    def _children_of(self, pid: int) -> list[int]:
+        return children_of(pid)
 
     def resync(self) -> int:
         """Verify every watched key; each that died yields its `Exited`. Returns how many."""

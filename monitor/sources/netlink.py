@@ -189,6 +189,7 @@ class NetlinkSource(EventSource):
         self._filter_mode = "mask"
         self._program: bytes | None = None
         self._filter_refresh_pending = False
+        self._draining = False
         self._confirming = False  # no tgid filter then: the probe may exit before we learn its PID
         self._sock: socket.socket | None = None
         self._reader: Reader | None = None
@@ -347,10 +348,14 @@ class NetlinkSource(EventSource):
         if (not self.all_events and self._filter_mode != "none"
                 and not self._confirming and len(self._watches) <= self.max_filtered_tgids):
             tgids = list(self._watches)
+        if tgids is not None and any(w.descendants for w in self._watches.values()):
+            # A tree's new child may fork and exit before its fork record is read and its
+            # tgid added here: a tgid list would make the kernel drop those records. The
+            # native reader's own filter follows trees in stream order instead.
+            tgids = None
         program = None
         if type_mask is not None or tgids is not None:
-            trees = any(w.descendants for w in self._watches.values())
-            program = cnproc.bpf_program(type_mask, tgids, pass_forks_and_execs=trees)
+            program = cnproc.bpf_program(type_mask, tgids)
         if program == self._program:
             return
         if program is None:
@@ -413,17 +418,36 @@ class NetlinkSource(EventSource):
             fd = self._sock.fileno()
             self._loop.remove_reader(fd)
             self._loop.call_later(self.coalesce_s, self._resume_reading, fd)
+        self._drain_once()
+
+    def _drain_once(self) -> bool:
+        """Apply one batch of records, in order; False when the socket had none."""
+        assert self._reader is not None
+        self._draining = True
         try:
-            records, overrun = self._reader.drain()
-        except OSError as err:
-            self._fail(err)
-            return
-        self.counters["received"] += len(records)
-        handle = self._handle
-        for record in records:
-            handle(record)
-        if overrun:
-            self._overrun()
+            try:
+                records, overrun = self._reader.drain()
+            except OSError as err:
+                self._fail(err)
+                return False
+            self.counters["received"] += len(records)
+            handle = self._handle
+            for record in records:
+                handle(record)
+            if overrun:
+                self._overrun()
+            return bool(records) or overrun
+        finally:
+            self._draining = False
+
+    def resync(self) -> int:
+        """Read what the kernel has queued first, then verify: a tree's member that died
+        with its records unread (its forks, then its exit) is not judged before them."""
+        if not self._draining and self._reader is not None and self._sock is not None and self._failure is None:
+            for _ in range(1000):  # bounded: a storm must not keep the verification waiting forever
+                if not self._drain_once():
+                    break
+        return super().resync()
 
     def _resume_reading(self, fd: int) -> None:
         if self._sock is not None and self._sock.fileno() == fd and self._loop is not None and self._failure is None:
@@ -454,7 +478,7 @@ class NetlinkSource(EventSource):
             self._born.add(d3)
             watch = self._watches.get(d1)
             if watch is not None and watch.descendants:
-                self._track_child(watch, self._new_child_key(d3, ts), ts, NETLINK)
+                self._follow_fork(watch, self._new_child_key(d3, ts), ts)
             elif self.event_mask & PROC_EVENT_FORK:
                 parent = watch.key if watch is not None else self._passing_key(d1)
                 self._emit(Forked(parent, self._passing_key(d3), NETLINK, ts))
@@ -471,13 +495,28 @@ class NetlinkSource(EventSource):
                 return  # a new thread, not a new process
             watch = self._watches.get(d1)
             if watch is not None and watch.descendants:
-                self._track_child(watch, self._new_child_key(d3, ts), ts, NETLINK)
+                self._follow_fork(watch, self._new_child_key(d3, ts), ts)
         elif what == PROC_EVENT_EXEC:
             watch = self._watches.get(d1)
             if watch is not None:
                 self._emit(Execed(watch.key, NETLINK, ts))
             elif self.all_events:
                 self._emit(Execed(self._passing_key(d1), NETLINK, ts))
+
+    def _follow_fork(self, parent: Watch, child: ProcessKey, ts: int) -> None:
+        """A fork record of a tree-watched parent (which may itself be gone already).
+
+        The child is followed even when it is gone too: the kernel sends a fork's record
+        before the child first runs (kernel/fork.c: copy_process calls
+        proc_fork_connector before kernel_clone wakes the child), so the child's own
+        records, its forks and then its exit, are later in this stream. Its `Exited`
+        comes from its exit record, after its forks have been followed; a lost record
+        is caught by the overrun's resync.
+        """
+        watch = self._adopt(child)
+        if watch.extra.get("gone") and self._reader is not None:
+            self._reader.watch_tgid(child.pid, True)  # _attach stopped before it
+        self._emit(Forked(parent.key, child, NETLINK, ts))
 
     def _on_probe_event(self, what: int, tgid: int, exit_parent_tgid: int) -> None:
         """An event of our probe child. It confirms the subscription only when it names us
