@@ -65,3 +65,11 @@ def remove(path: Path) -> None:
     """Remove an emptied cgroup (it cannot go while a process is in it)."""
     with contextlib.suppress(OSError):
         path.rmdir()
+
+
+def members(path: Path) -> list[int]:
+    """The PIDs in the cgroup now (its `cgroup.procs`); empty when it is gone."""
+    try:
+        return [int(p) for p in (path / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []

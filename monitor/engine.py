@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from monitor import cgroups
+from monitor import cgroups, members
 from monitor.clock import Clock, SystemClock
 from monitor.errors import MonitorError
 from monitor.events import (
@@ -50,7 +51,7 @@ from monitor.sources import select_source
 from monitor.sources.base import EventSource
 from monitor.sources.inotify import ExitFileSource, read_exit_file
 from monitor.store import Batch, Record, Store
-from monitor.tracker import Policy, Session, Signal, Step, Tracker, Watch, new_session_id
+from monitor.tracker import Orphans, Policy, Session, Signal, SignalOrphans, Step, Tracker, Watch, new_session_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -137,6 +138,7 @@ class Engine:
         hook_timeout_s: float = HOOK_TIMEOUT_S,
         observer: Observer | None = None,
         timers: bool = True,
+        orphans: Orphans = "keep",
     ) -> None:
         self.state_path = Path(state_path)
         self._source_arg = source
@@ -151,6 +153,7 @@ class Engine:
         self.hooks = dict(hooks or {})  # on_start / on_complete for every session (the config's)
         self.hook_timeout_s = hook_timeout_s
         self.observer = observer
+        self.orphans = orphans  # what a session does with its orphans unless it says (the config's)
         self.tracker = Tracker(child_grace_s=child_grace_s)
         self.locks = LockTable()
         self.boot_id = boot_id()
@@ -250,18 +253,31 @@ class Engine:
         for data in fuses:
             self.fuses.load(DirFuse.from_dict(data), now, wall)
         for session in self.tracker.running():
+            tree = session.policy == "tree"
+            root_alive = session.root_exit is None and self._alive(session.key)
             if session.key.boot_id != self.boot_id:
                 step.extend(self.tracker.stop_unverifiable(session, "reboot", None, wall))
-            elif not self._alive(session.key):
+            elif not root_alive and not (tree and self._tree_lives(session)):
                 status = self._exit_file_status(session)
-                reason = "exited" if status is not None else "lost"
+                reason = "exited" if status is not None or session.root_exit is not None else "lost"
                 step.extend(self.tracker.stop_unverifiable(session, reason, status, wall))
             else:
-                self._watch(Watch(session.key, True))
-                for child in session.children.values():
-                    if child.state == "running":
-                        self._watch(Watch(child.key, True))
+                if root_alive:
+                    self._watch(Watch(session.key, True, existing=tree))
+                elif session.root_exit is None:  # a tree's root that ended while we were down
+                    ended = self._exit_file_status(session) or Exited.from_wait_status(session.key, None, RELIST)
+                    step.extend(self.tracker.on_exited(ended, now, wall))
+                for child in list(session.children.values()):
+                    if child.state == "running":  # a dead one's Exited is found here, and applied after the load
+                        self._watch(Watch(child.key, True, existing=tree))
+                if tree:
+                    step.extend(self._adopt_cgroup(session))
+        for session in self.tracker.orphaned():
+            for orphan in session.live_orphans():
+                self._watch(Watch(ProcessKey.from_dict(orphan["key"]), False))
         for lock in list(self.locks.locks.values()):
+            if lock.owner is not None and self.tracker.holds_tree(lock.owner):
+                continue  # its session's tree lives on: the lock goes when the tree does
             if lock.owner is not None and (lock.owner.boot_id != self.boot_id or not self._alive(lock.owner)):
                 step.transitions += self.locks.release_owner(lock.owner, RELIST)
             elif lock.kind == "auto" and lock.owner is None:  # a launch's reservation, left by a crash
@@ -271,6 +287,23 @@ class Engine:
         if batch:
             await self._run(self._store.commit, batch)  # type: ignore[union-attr]
             self._act(step, batch.outbox)
+
+    def _tree_lives(self, session: Session) -> bool:
+        """Some process of a tree session other than its root lives."""
+        return bool(members.live_descendants(session, self._alive))
+
+    def _adopt_cgroup(self, session: Session) -> Step:
+        """A launched tree session's cgroup members it does not follow yet (forked before it
+        was followed, or while we were down): followed from now on."""
+        step = self.tracker.adopt(session.id, members.cgroup_members(session))
+        for (_sid, key), child in list(step.children.items()):
+            if child is not None:
+                self._watch(Watch(key, True, existing=True))
+        return step
+
+    def _owner_alive(self, key: ProcessKey) -> bool:
+        """A lock's owner holds it while it lives, or while the tree of its tree session does."""
+        return self.tracker.holds_tree(key) or self._alive(key)
 
     def _exit_file_status(self, session: Session) -> Exited | None:
         if session.exit_file and os.path.exists(session.exit_file):
@@ -293,13 +326,21 @@ class Engine:
     def _on_event(self, event: Event) -> None:
         now, wall = self.clock.monotonic(), self.clock.wall()
         if isinstance(event, Exited):
-            # The lock goes first: released the moment its owner's exit is known.
-            step = Step(self.locks.release_owner(event.key, event.source))
+            step = Step()
+            if self.tracker.holds_tree(event.key):
+                # A tree session's root: its lock is held until the tree is gone (released at
+                # the stop); a launched one's cgroup may hold members no fork event named.
+                rooted = self.tracker.session_rooted_at(event.key)
+                assert rooted is not None
+                step.extend(self._adopt_cgroup(rooted))
+            else:
+                # The lock goes first: released the moment its owner's exit is known.
+                step.transitions += self.locks.release_owner(event.key, event.source)
             step.extend(self.tracker.on_exited(event, now, wall))
             step.cause_ns = event.kernel_ts_ns or event.observed_ns or None
         elif isinstance(event, Forked):
             step = self.tracker.on_forked(event)
-            if step.changed_sessions:
+            if step.children:
                 self._watch(Watch(event.child, True))
         elif isinstance(event, Overrun):
             self._next_relist = 0.0  # now
@@ -314,9 +355,14 @@ class Engine:
     def _after_stops(self, step: Step, now: float, wall: float) -> None:
         """A stopped session's locks go (if its events have not taken them already), and the
         last session to stop in a directory arms that directory's fuse."""
-        for transition in list(step.transitions):
+        for i, transition in enumerate(list(step.transitions)):
             if isinstance(transition, SessionStopped):
                 session = self.tracker.sessions[transition.session_id]
+                # Its descendants alive now are its orphans: named in its stop, followed until gone.
+                orphans = members.live_descendants(session, self._alive)
+                step.transitions[i] = dataclasses.replace(transition, orphans=[
+                    {"pid": key.pid, "key": key.to_dict(), "argv": argv} for key, argv in orphans])
+                step.extend(self.tracker.set_orphans(session.id, orphans, now))  # watched once committed
                 step.transitions += self.locks.release_owner(session.key, session.evidence or RELIST)
                 if not self.tracker.running_in(session.cwd) and self.fuses.last_session_stopped(session.cwd, now, wall):
                     step.changed_sessions.add(session.id)
@@ -329,6 +375,11 @@ class Engine:
         for sid in step.changed_sessions:
             session = self.tracker.sessions[sid]
             batch.sessions[sid] = (session.state, session.stopped_at, _json(session.to_dict()))
+        for (sid, key), child in step.children.items():
+            batch.children[(sid, str(key))] = _json(child.to_dict()) if child is not None else None
+        for sid in step.child_counts:
+            session = self.tracker.sessions[sid]
+            batch.child_counts[sid] = (session.children_exited, session.children_unobservable)
         for transition in step.transitions:
             if isinstance(transition, (LockAcquired, LockReleased)):
                 lock = self.locks.locks.get(transition.directory)
@@ -397,6 +448,10 @@ class Engine:
         for command in step.commands:
             if isinstance(command, Signal):
                 self._signal(command)
+            elif isinstance(command, Watch):
+                self._watch(command)
+            elif isinstance(command, SignalOrphans):
+                members.signal_orphans(self.tracker.sessions[command.session_id], command.signum)
         for transition in step.transitions:
             if isinstance(transition, SessionStarted):
                 self._run_hooks(self.tracker.sessions.get(transition.session_id), "on_start")
@@ -429,6 +484,11 @@ class Engine:
         through a pidfd, so a reused PID can never be hit."""
         key = command.key
         session = self.tracker.session_of(key)
+        if session is None:
+            session = self.tracker.session_rooted_at(key)
+        if session is not None and session.policy == "tree" and session.key == key:
+            for child in list(session.children.values()):  # the whole tree, each by its own pidfd
+                members.signal_key(child.key, command.signum)
         if session is not None and session.cgroup is not None and session.key == key and self._alive(key):
             if cgroups.signal_all(Path(session.cgroup), command.signum):
                 return  # every descendant, wherever it moved its process group
@@ -515,7 +575,7 @@ class Engine:
     def _watch(self, command: Watch) -> None:
         assert self.source is not None
         try:
-            self.source.watch(command.key, descendants=command.descendants)
+            self.source.watch(command.key, descendants=command.descendants, existing=command.existing)
             if self._exit_files is not None:
                 self._exit_files.watch(command.key)
         except (MonitorError, OSError) as err:
@@ -609,6 +669,7 @@ class Engine:
         on_complete: str | None = None,
         owner_uid: int | None = None,
         session_id: str | None = None,
+        orphans: Orphans | None = None,
     ) -> Session:
         """Follow a process that a launcher started (or `attach` found) as a new session.
 
@@ -629,12 +690,12 @@ class Engine:
             started_at=wall, started_mono=now, timeout_s=timeout_s,
             deadline=now + timeout_s if timeout_s is not None else None, kill_on_timeout=kill_on_timeout,
             exit_file=exit_file, log_file=log_file, pgid=pgid, cgroup=cgroup, on_start=on_start, on_complete=on_complete,
-            owner_uid=owner_uid,
+            owner_uid=owner_uid, orphans_policy=orphans or self.orphans,
         )
         step = Step()
         if lock and not force:
             step.transitions += self.locks.acquire(
-                Lock(directory, "auto", key, session.id, locked_at=wall, owner_uid=owner_uid), self._alive)
+                Lock(directory, "auto", key, session.id, locked_at=wall, owner_uid=owner_uid), self._owner_alive)
         step.extend(self.tracker.add(session))
         if self.fuses.session_started(directory):
             self._dirty_fuses.add(directory)
@@ -648,6 +709,8 @@ class Engine:
             if isinstance(command, Watch):
                 self._watch(command)  # after add: an exit found at watch time finds its session
         step.commands = [c for c in step.commands if not isinstance(c, Watch)]
+        if policy == "tree" and cgroup is not None and session.state == "running":
+            self._submit(self._adopt_cgroup(session))
         if done is not None:
             await done
         return session
@@ -671,7 +734,7 @@ class Engine:
     async def lock(self, directory: str, *, by: str | None = None, reason: str | None = None, owner_uid: int | None = None) -> Lock:
         path = os.path.realpath(directory)
         lock = Lock(path, "manual", by=by, reason=reason, locked_at=self.clock.wall(), owner_uid=owner_uid)
-        done = self._submit(Step(self.locks.acquire(lock, self._alive)))
+        done = self._submit(Step(self.locks.acquire(lock, self._owner_alive)))
         if done is not None:
             await done
         return lock
@@ -681,7 +744,7 @@ class Engine:
         spawn, so two launches cannot both start there. `register` then hands it to the process."""
         path = os.path.realpath(directory)
         lock = Lock(path, "auto", None, session_id, locked_at=self.clock.wall(), owner_uid=owner_uid)
-        done = self._submit(Step(self.locks.acquire(lock, self._alive)))
+        done = self._submit(Step(self.locks.acquire(lock, self._owner_alive)))
         if done is not None:
             await done
         return lock

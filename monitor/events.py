@@ -7,7 +7,7 @@ status that a source cannot know is `None`, never a made-up 0.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from monitor.identity import ProcessKey
@@ -190,7 +190,8 @@ class SessionStarted(Transition):
 class SessionStopped(Transition):
     """The session's one stop. reason: exited (it ended by itself), killed (after a stop
     request), timeout (after its master timeout fired), lost (dead, nothing tells how),
-    reboot (its boot is over)."""
+    reboot (its boot is over). `orphans`: its descendants still alive at the stop, each
+    {pid, key, argv} (empty when none)."""
 
     type: ClassVar[str] = "session.stopped"
     session_id: str
@@ -199,6 +200,20 @@ class SessionStopped(Transition):
     signal: int | None
     evidence: str
     duration_s: float
+    orphans: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def subject(self) -> str:
+        return self.session_id
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOrphansGone(Transition):
+    """Every orphan a stopped session left (`count` of them) is gone now."""
+
+    type: ClassVar[str] = "session.orphans_gone"
+    session_id: str
+    count: int
 
     @property
     def subject(self) -> str:
@@ -301,4 +316,4 @@ class HookFailed(Transition):
 
 
 TRANSITION_TYPES = tuple(cls.type for cls in (SessionStarted, SessionStopped, SessionTimedOut, ChildExited, ChildUnobservable,
-                                               LockAcquired, LockReleased, FuseFired, HookFailed))
+                                               LockAcquired, LockReleased, FuseFired, HookFailed, SessionOrphansGone))

@@ -222,3 +222,17 @@ def children_of(pid: int) -> list[int]:
         return [child.pid for child in psutil.Process(pid).children()]
     except psutil.Error:
         return []
+
+
+def argv_of(pid: int) -> list[str]:
+    """The command line of `pid` (empty when gone, or a kernel thread)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        import psutil
+
+        try:
+            return list(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            return []

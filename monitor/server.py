@@ -235,7 +235,8 @@ class Api:
 
     async def children(self, peer: Peer, params: dict[str, Any]) -> Any:
         session = self.engine.session(param(params, "id", str, required=True))
-        return {"children": [c.to_dict() for c in session.children.values()],
+        return {"children": [c.to_dict() for c in (*session.recent, *session.children.values())],
+                "summary": session.child_summary(),
                 "blocking": [c.to_dict() for c in self.engine.blocking_children(session.id)]}
 
     async def lock(self, peer: Peer, params: dict[str, Any]) -> Any:

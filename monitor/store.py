@@ -65,6 +65,20 @@ MIGRATIONS = [
     CREATE INDEX webhook_deliveries_pending ON webhook_deliveries(endpoint) WHERE state = 'pending';
     CREATE INDEX outbox_by_time ON outbox(created_at);
     """,
+    # 4: a session's children as rows of their own (a fork or an exit writes one row, not the
+    # whole session), and its counts of ended children; moved out of the session records
+    """
+    CREATE TABLE children (session_id TEXT NOT NULL, key TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY (session_id, key));
+    CREATE TABLE child_counts (session_id TEXT PRIMARY KEY, exited INTEGER NOT NULL, unobservable INTEGER NOT NULL);
+    INSERT INTO children(session_id, key, data)
+        SELECT s.id, json_extract(c.value, '$.key.pid') || '@' || json_extract(c.value, '$.key.start_time_ticks'), c.value
+        FROM sessions s, json_each(s.data, '$.children') c;
+    INSERT INTO child_counts(session_id, exited, unobservable)
+        SELECT s.id, (SELECT count(*) FROM json_each(s.data, '$.children') c WHERE json_extract(c.value, '$.state') = 'exited'),
+               (SELECT count(*) FROM json_each(s.data, '$.children') c WHERE json_extract(c.value, '$.state') = 'unobservable')
+        FROM sessions s WHERE json_array_length(s.data, '$.children') > 0;
+    UPDATE sessions SET data = json_remove(data, '$.children')
+    """,
 ]
 
 
@@ -98,9 +112,11 @@ class Batch:
     locks: dict[str, str | None] = field(default_factory=dict)  # directory -> json, None: delete
     fuses: dict[str, str | None] = field(default_factory=dict)
     outbox: list[Record] = field(default_factory=list)
+    children: dict[tuple[str, str], str | None] = field(default_factory=dict)  # (session id, key) -> json, None: delete
+    child_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # session id -> (exited, unobservable)
 
     def __bool__(self) -> bool:
-        return bool(self.sessions or self.locks or self.fuses or self.outbox)
+        return bool(self.sessions or self.locks or self.fuses or self.outbox or self.children or self.child_counts)
 
     def merge(self, later: Batch) -> None:
         """Take in a later batch: its rows win, its outbox rows follow ours."""
@@ -108,6 +124,8 @@ class Batch:
         self.locks.update(later.locks)
         self.fuses.update(later.fuses)
         self.outbox += later.outbox
+        self.children.update(later.children)
+        self.child_counts.update(later.child_counts)
 
     def add_transition(self, payload: dict[str, Any], subject: str, at: float) -> Record:
         record = Record(uuid.uuid4().hex, payload["type"], subject, payload, at)
@@ -148,9 +166,18 @@ class Store:
         self._db.close()
 
     def load(self, stopped_since: float = 0.0) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-        """Running sessions and those stopped since `stopped_since` (wall), every lock and fuse."""
+        """Running sessions and those stopped since `stopped_since` (wall), each with its
+        stored children and child counts; every lock and fuse."""
         sessions = [json.loads(d) for (d,) in self._db.execute(
             "SELECT data FROM sessions WHERE state = 'running' OR stopped_at >= ?", (stopped_since,))]
+        by_id = {s["id"]: s for s in sessions}
+        for sid, data in self._db.execute(
+                "SELECT c.session_id, c.data FROM children c JOIN sessions s ON s.id = c.session_id "
+                "WHERE s.state = 'running' OR s.stopped_at >= ?", (stopped_since,)):
+            by_id[sid].setdefault("children", []).append(json.loads(data))
+        for sid, exited, unobservable in self._db.execute("SELECT session_id, exited, unobservable FROM child_counts"):
+            if sid in by_id:
+                by_id[sid]["child_counts"] = (exited, unobservable)
         locks = [json.loads(d) for (d,) in self._db.execute("SELECT data FROM locks")]
         fuses = [json.loads(d) for (d,) in self._db.execute("SELECT data FROM fuses")]
         return sessions, locks, fuses
@@ -168,6 +195,14 @@ class Store:
                 db.executemany(f"INSERT INTO {table}(directory, data) VALUES (?, ?) "
                                "ON CONFLICT(directory) DO UPDATE SET data = excluded.data",
                                [(d, v) for d, v in rows.items() if v is not None])
+            db.executemany("DELETE FROM children WHERE session_id = ? AND key = ?",
+                           [key for key, v in batch.children.items() if v is None])
+            db.executemany("INSERT INTO children(session_id, key, data) VALUES (?, ?, ?) "
+                           "ON CONFLICT(session_id, key) DO UPDATE SET data = excluded.data",
+                           [(*key, v) for key, v in batch.children.items() if v is not None])
+            db.executemany("INSERT INTO child_counts(session_id, exited, unobservable) VALUES (?, ?, ?) "
+                           "ON CONFLICT(session_id) DO UPDATE SET exited = excluded.exited, unobservable = excluded.unobservable",
+                           [(sid, *counts) for sid, counts in batch.child_counts.items()])
             for record in batch.outbox:
                 cursor = db.execute("INSERT OR IGNORE INTO outbox(id, type, subject, payload, created_at) VALUES (?, ?, ?, ?, ?)",
                                     (record.id, record.type, record.subject, record.body, record.created_at))

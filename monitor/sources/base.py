@@ -250,6 +250,11 @@ class EventSource:
             self._attach(watch)
         except NoSuchProcess:
             watch.extra["gone"] = True
+        except (MonitorError, OSError) as err:
+            # Not followable (AccessDenied, EMFILE): left unwatched, so that the consumer's own
+            # watch() on its Forked meets the same refusal and can call it unobservable.
+            log.debug("%s cannot follow %s: %s", self.name, child, err)
+            del self._watches[child.pid]
         return watch
 
     def _take_existing(self, root: Watch) -> None:
