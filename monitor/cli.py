@@ -109,6 +109,10 @@ def format_record(event: dict[str, Any]) -> str:
     detail = ""
     if kind == "session.stopped":
         detail = f"{event['reason']}, {_status(event)} ({event['evidence']}) after {event['duration_s']:.1f}s"
+        if event.get("orphans"):
+            detail += f", {len(event['orphans'])} orphans left: " + " ".join(str(o["pid"]) for o in event["orphans"])
+    elif kind == "session.orphans_gone":
+        detail = f"its {event['count']} orphans are gone"
     elif kind == "session.started":
         detail = f"pid {event['key']['pid']} in {event['cwd']}"
     elif kind in ("lock.acquired", "lock.released"):
@@ -332,9 +336,32 @@ def _print_session(s: dict[str, Any]) -> None:
               ("started", _ago(s["started_at"])), ("stopped", _ago(s["stopped_at"])),
               ("duration", f"{s['duration_s']:.1f}s" if s["duration_s"] is not None else "-"),
               ("timeout", f"{s['timeout_s']:g}s" if s["timeout_s"] else "none"),
-              ("children", f"{sum(c['state'] == 'running' for c in s['children'])} running of {len(s['children'])}")]
+              ("children", _children_line(s))]
+    if s["state"] == "stopped":
+        fields.append(("orphans", _orphans_line(s)))
     for name, value in fields:
         print(f"{name + ':':<10} {value}")
+    for orphan in s.get("orphans") or []:
+        print(f"{'':<10} {orphan['pid']:>7} {orphan['state']:<8} {' '.join(orphan['argv'])[:60]}")
+
+
+def _children_line(s: dict[str, Any]) -> str:
+    summary = s.get("child_summary") or {}
+    return (f"{summary.get('running', 0)} running, {summary.get('exited', 0)} exited"
+            + (f", {summary['unobservable']} unobservable" if summary.get("unobservable") else ""))
+
+
+def _orphans_line(s: dict[str, Any]) -> str:
+    orphans = s.get("orphans") or []
+    if not orphans:
+        return "none"
+    alive = sum(o["state"] == "running" for o in orphans)
+    return f"{len(orphans)} left behind, {alive} still alive ({s.get('orphans_policy', 'keep')})"
+
+
+def _print_orphans(orphans: list[dict[str, Any]]) -> None:
+    rows = [[str(o["pid"]), o["session_id"], o["orphans_policy"], o["cwd"], " ".join(o["argv"])[:50]] for o in orphans]
+    print(table(rows, ["PID", "SESSION", "ORPHANS", "CWD", "COMMAND"]))
 
 
 def _print_locks(locks: list[dict[str, Any]]) -> None:
@@ -363,7 +390,7 @@ def _client_command(args: argparse.Namespace) -> int:
         return 0
     show: dict[str, Callable[[Any], None]] = {
         "list": _print_sessions, "status": _print_session, "attach": _print_session, "stop": _print_session,
-        "locks": _print_locks, "fuse_list": _print_fuses, "webhooks": _print_webhooks}
+        "locks": _print_locks, "fuse_list": _print_fuses, "webhooks": _print_webhooks, "orphans": _print_orphans}
     key = "fuse_list" if args.command == "fuse" and args.fuse_command == "list" else args.command
     if args.command == "webhooks" and (args.retry is not None or args.enable):
         key = "webhook_change"  # an answer of one line, below
@@ -386,7 +413,9 @@ def _call(client: Any, args: argparse.Namespace) -> Any:
     if c == "attach":
         return client.call("session.attach", pid=args.pid, cwd=args.cwd, labels=dict(args.label or []), policy=args.policy,
                            timeout_s=args.timeout, kill_on_timeout=args.kill_on_timeout, lock=not args.no_lock, force=args.force,
-                           on_start=args.on_start, on_complete=args.on_complete)
+                           on_start=args.on_start, on_complete=args.on_complete, orphans=args.orphans)
+    if c == "orphans":
+        return client.call("session.orphans", **({"id": args.id} if args.id else {}))
     if c == "list":
         return client.call("session.list", all=args.all)
     if c == "status":
@@ -438,7 +467,7 @@ def _launch(args: argparse.Namespace) -> int:
                                   labels=dict(args.label or []), timeout_s=args.timeout,
                                   kill_on_timeout=args.kill_on_timeout, lock=not args.no_lock, force=args.force,
                                   tree=args.tree, log=os.path.abspath(args.log) if args.log else None,
-                                  on_start=args.on_start, on_complete=args.on_complete)
+                                  on_start=args.on_start, on_complete=args.on_complete, orphans=args.orphans)
             if events is None:
                 print(json.dumps(session) if args.json else session["id"])
                 return 0
@@ -609,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-on-timeout", action="store_true", help="TERM (then KILL) its process group on timeout")
     p.add_argument("--no-lock", action="store_true", help="do not lock its directory")
     p.add_argument("--force", action="store_true", help="do not lock, even where another lock stands")
+    p.add_argument("--orphans", choices=("keep", "kill"),
+                   help="its descendants still alive when it stops: keep them (reported; the default unless the "
+                   "config says) or kill them (TERM, KILL after a grace)")
     _add_hook_args(p)
     p.add_argument("--json", action="store_true")
 
@@ -619,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=parse_duration, metavar="DURATION", help="master timeout (e.g. 3h)")
     p.add_argument("--kill-on-timeout", action="store_true", help="TERM (then KILL) its process group on timeout")
     p.add_argument("--tree", action="store_true", help="the session ends when its whole process tree is gone")
+    p.add_argument("--orphans", choices=("keep", "kill"),
+                   help="its descendants still alive when it stops: keep them (reported; the default unless the "
+                   "config says) or kill them (TERM, KILL after a grace)")
     p.add_argument("--label", type=_label, action="append", metavar="K=V")
     p.add_argument("--env", type=_label, action="append", metavar="K=V", help="set in its environment")
     p.add_argument("--log", metavar="FILE", help="append its output here (default: the daemon's log directory)")
@@ -637,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="one session, by id or unique id prefix")
     p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("orphans", help="live processes that stopped sessions left behind (one session's, with an id)")
+    p.add_argument("id", nargs="?")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("stop", help="signal a session's process group, KILL after a grace; report the death")

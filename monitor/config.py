@@ -68,6 +68,7 @@ class Config:
     retain_events_s: float = 7 * 24 * 3600.0
     hook_timeout_s: float = 300.0
     metrics_listen: str | None = None  # HOST:PORT of an HTTP /metrics listener, e.g. 127.0.0.1:9464
+    orphans: str = "keep"  # a session's descendants alive at its stop: keep (reported) or kill; unless it says
     hooks: dict[str, str] = field(default_factory=dict)  # on_start / on_complete for every session
     webhooks: tuple[Endpoint, ...] = ()
 
@@ -110,7 +111,7 @@ def default_config_file(env: Mapping[str, str] = os.environ) -> Path:
 
 _TYPES = {"socket": Path, "state_dir": Path, "source": str, "relist_interval_s": float, "child_grace_s": float,
           "max_connections": int, "idle_timeout_s": float, "log_level": str, "log_format": str, "subscriber_buffer": int,
-          "retain_events_s": float, "hook_timeout_s": float, "metrics_listen": str}
+          "retain_events_s": float, "hook_timeout_s": float, "metrics_listen": str, "orphans": str}
 _FILE_ONLY = ("hooks", "webhooks")
 
 
@@ -161,6 +162,8 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] = os.e
         raise ConfigError(f"source {config.source!r}: choose netlink, pidfd or poll")
     if config.log_format not in ("auto", "text", "journald", "json"):
         raise ConfigError(f"log_format {config.log_format!r}: choose auto, text, journald or json")
+    if config.orphans not in ("keep", "kill"):
+        raise ConfigError(f"orphans {config.orphans!r}: choose keep or kill")
     if config.metrics_listen is not None:
         listen_address(config.metrics_listen)
     longest = max((e.max_age_s for e in config.webhooks), default=0.0)

@@ -73,7 +73,8 @@ async def serve(config: Config, config_file: str | None = None) -> int:
         metrics = Metrics()
         engine = Engine(config.state_db, source=config.source, relist_interval_s=config.relist_interval_s,
                         child_grace_s=config.child_grace_s, exit_dir=config.exit_dir, retain_events_s=config.retain_events_s,
-                        hooks=config.hooks, hook_timeout_s=config.hook_timeout_s, observer=metrics)
+                        hooks=config.hooks, hook_timeout_s=config.hook_timeout_s, observer=metrics,
+                        orphans="kill" if config.orphans == "kill" else "keep")
         webhooks = Webhooks(config.webhooks, config.state_db, observer=metrics)
         engine.add_record_listener(lambda record: metrics.event(record.type))
         engine.add_record_listener(webhooks.offer)  # before the start: a stop found while down is sent too

@@ -728,6 +728,10 @@ class Engine:
     def sessions(self, *, include_stopped: bool = False) -> list[Session]:
         return [s for s in self.tracker.sessions.values() if include_stopped or s.state == "running"]
 
+    def orphaned(self) -> list[Session]:
+        """Stopped sessions whose orphans still live."""
+        return self.tracker.orphaned()
+
     def blocking_children(self, prefix: str) -> list[Any]:
         return self.tracker.blocking_children(self.tracker.get(prefix).id)
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from monitor import __version__
 from monitor.engine import AlreadyDead, Engine
@@ -100,6 +100,16 @@ def _seconds(params: dict[str, Any], name: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _orphans(params: dict[str, Any]) -> Literal["keep", "kill"] | None:
+    """What a session does with the descendants that outlive it: keep or kill (None: the config's)."""
+    value = param(params, "orphans", str, None)
+    if value is None:
+        return None
+    if value in ("keep", "kill"):
+        return "kill" if value == "kill" else "keep"
+    raise ProtocolError(BAD_REQUEST, "orphans is keep or kill")
+
+
 def _hooks(params: dict[str, Any]) -> dict[str, str | None]:
     """A session's own hooks: shell commands run as its owner (the peer), never as the daemon."""
     return {"on_start": param(params, "on_start", str, None), "on_complete": param(params, "on_complete", str, None)}
@@ -119,7 +129,7 @@ class Api:
             "hello": self.hello, "daemon.status": self.status,
             "session.attach": self.attach, "session.launch": self.launch,
             "session.list": self.list_sessions, "session.get": self.get,
-            "session.stop": self.stop, "session.children": self.children,
+            "session.stop": self.stop, "session.children": self.children, "session.orphans": self.orphans,
             "lock.acquire": self.lock, "lock.release": self.unlock, "lock.list": self.locks, "lock.who": self.who,
             "fuse.set": self.fuse_set, "fuse.extend": self.fuse_extend, "fuse.cancel": self.fuse_cancel,
             "fuse.list": self.fuses, "metrics": self.render_metrics,
@@ -182,7 +192,7 @@ class Api:
         session = await self.engine.attach(
             pid, cwd=param(params, "cwd", str, None), labels=labels, policy=policy, timeout_s=_seconds(params, "timeout_s"),
             kill_on_timeout=param(params, "kill_on_timeout", bool, False), lock=param(params, "lock", bool, True),
-            force=param(params, "force", bool, False), owner_uid=peer.uid, **_hooks(params))
+            force=param(params, "force", bool, False), owner_uid=peer.uid, orphans=_orphans(params), **_hooks(params))
         return session.public()
 
     async def launch(self, peer: Peer, params: dict[str, Any]) -> Any:
@@ -203,7 +213,8 @@ class Api:
             argv, cwd=param(params, "cwd", str, required=True), env=env, uid=peer.uid, gid=peer.gid, labels=labels,
             policy="tree" if param(params, "tree", bool, False) else "root", timeout_s=_seconds(params, "timeout_s"),
             kill_on_timeout=param(params, "kill_on_timeout", bool, False), lock=param(params, "lock", bool, True),
-            force=param(params, "force", bool, False), log=param(params, "log", str, None), **_hooks(params))
+            force=param(params, "force", bool, False), log=param(params, "log", str, None), orphans=_orphans(params),
+            **_hooks(params))
         return session.public()
 
     async def list_sessions(self, peer: Peer, params: dict[str, Any]) -> Any:
@@ -238,6 +249,12 @@ class Api:
         return {"children": [c.to_dict() for c in (*session.recent, *session.children.values())],
                 "summary": session.child_summary(),
                 "blocking": [c.to_dict() for c in self.engine.blocking_children(session.id)]}
+
+    async def orphans(self, peer: Peer, params: dict[str, Any]) -> Any:
+        """The live orphans of stopped sessions (of one, with `id`), each with its session."""
+        sessions = [self.engine.session(param(params, "id", str, required=True))] if "id" in params else self.engine.orphaned()
+        return [{**orphan, "session_id": s.id, "cwd": s.cwd, "orphans_policy": s.orphans_policy}
+                for s in sessions for orphan in s.live_orphans()]
 
     async def lock(self, peer: Peer, params: dict[str, Any]) -> Any:
         lock = await self.engine.lock(param(params, "directory", str, required=True), by=param(params, "by", str, None),
