@@ -21,6 +21,7 @@ from conftest import arun
 
 from monitor.engine import Engine
 from monitor.events import SessionStopped, Transition
+from monitor.identity import ProcessKey
 from monitor.sources.netlink import NetlinkSource
 from monitor.tracker import Session
 
@@ -134,3 +135,127 @@ def test_a_double_fork_race_never_loses_the_grandchild(decoder: str, tmp_path: P
                 reap_all()
 
     arun(main(), timeout=120)
+
+
+# -- existing children at attach -----------------------------------------------------------------
+
+# The root has a child (sh) with a child of its own (sleep) before anyone attaches.
+NESTED = 'sh -c "echo \\$\\$ > {pidfile}; sleep 60 & wait" & read go; exit 0'
+
+
+def descendants(pid: int) -> set[int]:
+    from monitor.identity import children_of
+
+    found, stack = set(), [pid]
+    while stack:
+        for child in children_of(stack.pop()):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+@pytest.mark.parametrize("source_name", ["netlink", "pidfd"])
+def test_an_attached_tree_takes_the_descendants_it_already_has(source_name: str, tmp_path: Path, subreaper: None) -> None:
+    async def main() -> None:
+        source = await netlink_or_skip() if source_name == "netlink" else source_name
+        pidfile = tmp_path / "middle"
+        root = subprocess.Popen(["sh", "-c", NESTED.format(pidfile=pidfile)], stdin=subprocess.PIPE, cwd=tmp_path)
+        assert root.stdin is not None
+        await until(lambda: len(descendants(root.pid)) == 2)  # sh and its sleep
+        before = descendants(root.pid)
+        async with Engine(tmp_path / "state.db", source=source, child_grace_s=60) as engine:
+            session = await engine.attach(root.pid, policy="tree", lock=False)
+            await engine.flush()
+            assert running_pids(session) == before  # taken at attach, not heard of by any fork
+            stopped = stopped_future(engine, session.id)
+            root.stdin.write(b"go\n")
+            root.stdin.close()
+            await asyncio.to_thread(root.wait)
+            await until(lambda: session.root_exit is not None)
+            await engine.flush()
+            assert session.state == "running" and not stopped.done()
+            middle = int(pidfile.read_text())
+            (sleeper,) = before - {middle}
+            os.kill(sleeper, signal.SIGKILL)  # the middle sh's wait returns, and it exits: the tree is gone
+            event = await asyncio.wait_for(stopped, 10)
+            assert event.orphans == []
+        reap_all()
+
+    arun(main(), timeout=60)
+
+
+# -- the lock is held until the tree is gone -----------------------------------------------------
+
+
+def test_a_tree_sessions_lock_is_held_until_its_whole_tree_is_gone(tmp_path: Path, subreaper: None) -> None:
+    from monitor.locks import LockHeld
+
+    async def main() -> None:
+        source = await netlink_or_skip()
+        pidfile = tmp_path / "middle"
+        async with Engine(tmp_path / "state.db", source=source) as engine:
+            root = subprocess.Popen(["sh", "-c", 'read go; sh -c "echo \\$\\$ > {0}; exec sleep 60" & sleep 0.05; exit 0'
+                                     .format(pidfile)], stdin=subprocess.PIPE, cwd=tmp_path)
+            assert root.stdin is not None
+            session = await engine.attach(root.pid, policy="tree")
+            stopped = stopped_future(engine, session.id)
+            root.stdin.write(b"go\n")
+            root.stdin.close()
+            await asyncio.to_thread(root.wait)
+            await until(lambda: session.root_exit is not None)
+            await engine.flush()
+            assert engine.locks.locks[str(tmp_path)].owner == session.key  # its root is dead, its tree is not
+            with pytest.raises(LockHeld):
+                await engine.lock(str(tmp_path), by="someone else")
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            await asyncio.wait_for(stopped, 10)
+            await engine.flush()
+            assert str(tmp_path) not in engine.locks.locks
+        reap_all()
+
+    arun(main(), timeout=60)
+
+
+# -- orphans ---------------------------------------------------------------------------------
+
+# An MCP-style server: started by the session's root, it does not care that its parent died
+# (no pipe to notice, no PDEATHSIG), and this one ignores TERM as well.
+MCP = 'read go; sh -c "echo \\$\\$ > {pidfile}; trap \\"\\" TERM; exec sleep 60" & sleep 0.05; exit 3'
+
+
+@pytest.mark.parametrize("orphans", ["keep", "kill"])
+def test_a_root_sessions_orphans_are_named_and_killed_when_asked(orphans: str, tmp_path: Path, subreaper: None) -> None:
+    from monitor.events import SessionOrphansGone
+
+    async def main() -> None:
+        source = await netlink_or_skip()
+        pidfile = tmp_path / "mcp"
+        async with Engine(tmp_path / "state.db", source=source) as engine:
+            gone: asyncio.Future[SessionOrphansGone] = asyncio.get_running_loop().create_future()
+            engine.add_listener(lambda t: gone.set_result(t) if isinstance(t, SessionOrphansGone) and not gone.done() else None)
+            root = subprocess.Popen(["sh", "-c", MCP.format(pidfile=pidfile)], stdin=subprocess.PIPE, cwd=tmp_path)
+            assert root.stdin is not None
+            session = await engine.attach(root.pid, orphans=orphans, lock=False)  # type: ignore[arg-type]
+            session.kill_grace_s = 0.3  # TERM is ignored: KILL comes after this
+            stopped = stopped_future(engine, session.id)
+            root.stdin.write(b"go\n")
+            root.stdin.close()
+            event = await asyncio.wait_for(stopped, 10)
+            mcp = int(pidfile.read_text())
+            assert event.exit_code == 3
+            assert [o["pid"] for o in event.orphans] == [mcp]
+            assert "sleep 60" in " ".join(event.orphans[0]["argv"])  # before or after its exec
+            key = ProcessKey.of(mcp)
+            assert [o["key"] for o in engine.session(session.id).orphans] == [key.to_dict()]
+            if orphans == "keep":
+                await asyncio.sleep(0.5)  # longer than the grace: nothing is sent to it
+                assert key.is_alive()
+                assert [s.id for s in engine.orphaned()] == [session.id]
+                os.kill(mcp, signal.SIGKILL)
+            done = await asyncio.wait_for(gone, 10)
+            assert (done.session_id, done.count) == (session.id, 1)
+            assert not key.is_alive() and engine.orphaned() == []
+            assert engine.session(session.id).live_orphans() == []
+        reap_all()
+
+    arun(main(), timeout=60)
