@@ -270,8 +270,7 @@ class Engine:
                 for child in list(session.children.values()):
                     if child.state == "running":  # a dead one's Exited is found here, and applied after the load
                         self._watch(Watch(child.key, True, existing=tree))
-                if tree:
-                    step.extend(self._adopt_cgroup(session))
+                step.extend(self._adopt_cgroup(session))
         for session in self.tracker.orphaned():
             for orphan in session.live_orphans():
                 self._watch(Watch(ProcessKey.from_dict(orphan["key"]), False))
@@ -295,10 +294,10 @@ class Engine:
     def _adopt_cgroup(self, session: Session) -> Step:
         """A launched tree session's cgroup members it does not follow yet (forked before it
         was followed, or while we were down): followed from now on."""
+        if session.policy != "tree" or session.cgroup is None or session.state != "running":
+            return Step()
         step = self.tracker.adopt(session.id, members.cgroup_members(session))
-        for (_sid, key), child in list(step.children.items()):
-            if child is not None:
-                self._watch(Watch(key, True, existing=True))
+        step.commands += [Watch(key, True, existing=True) for (_sid, key), child in step.children.items() if child is not None]
         return step
 
     def _owner_alive(self, key: ProcessKey) -> bool:
@@ -327,13 +326,12 @@ class Engine:
         now, wall = self.clock.monotonic(), self.clock.wall()
         if isinstance(event, Exited):
             step = Step()
-            if self.tracker.holds_tree(event.key):
-                # A tree session's root: its lock is held until the tree is gone (released at
-                # the stop); a launched one's cgroup may hold members no fork event named.
-                rooted = self.tracker.session_rooted_at(event.key)
-                assert rooted is not None
-                step.extend(self._adopt_cgroup(rooted))
-            else:
+            # A launched tree's cgroup may hold members no fork event named (forked before it
+            # was followed): taken before its stop is judged.
+            member_of = self.tracker.session_of(event.key) or self.tracker.session_rooted_at(event.key)
+            if member_of is not None:
+                step.extend(self._adopt_cgroup(member_of))
+            if not self.tracker.holds_tree(event.key):  # a tree's lock is held until the tree is gone
                 # The lock goes first: released the moment its owner's exit is known.
                 step.transitions += self.locks.release_owner(event.key, event.source)
             step.extend(self.tracker.on_exited(event, now, wall))
@@ -699,7 +697,12 @@ class Engine:
         step.extend(self.tracker.add(session))
         if self.fuses.session_started(directory):
             self._dirty_fuses.add(directory)
-        if ended:  # a launch that was over before we could follow it
+        step.extend(self._adopt_cgroup(session))
+        if ended and session.children:  # a tree whose root was over before we could follow it, its members not
+            step.commands = [c for c in step.commands if not (isinstance(c, Watch) and c.key == key)]
+            status = self._exit_file_status(session)
+            step.extend(self.tracker.on_exited(status or Exited.from_wait_status(key, None, RELIST), now, wall))
+        elif ended:  # a launch that was over before we could follow it
             status = self._exit_file_status(session)
             step.extend(self.tracker.stop_unverifiable(session, "exited" if status else "lost", status, wall))
             step.commands = []
@@ -709,8 +712,6 @@ class Engine:
             if isinstance(command, Watch):
                 self._watch(command)  # after add: an exit found at watch time finds its session
         step.commands = [c for c in step.commands if not isinstance(c, Watch)]
-        if policy == "tree" and cgroup is not None and session.state == "running":
-            self._submit(self._adopt_cgroup(session))
         if done is not None:
             await done
         return session

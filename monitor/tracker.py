@@ -206,7 +206,8 @@ class Session:
                 "started_at": self.started_at, "stopped_at": self.stopped_at, "duration_s": self.duration_s,
                 "timeout_s": self.timeout_s, "timed_out": self.timed_out_at is not None, "log_file": self.log_file,
                 "children": [c.to_dict() for c in (*self.recent, *self.children.values())],
-                "child_summary": self.child_summary(), "orphans_policy": self.orphans_policy, "orphans": self.orphans}
+                "child_summary": self.child_summary(), "orphans_policy": self.orphans_policy, "orphans": self.orphans,
+                "root_exit": self.root_exit}
 
 
 PER_CHILD = frozenset({"key", "children", "recent", "children_exited", "children_unobservable", "child_seq", "child_counts"})

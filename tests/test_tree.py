@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import arun
+from conftest import Procs, arun
 
 from monitor.engine import Engine
 from monitor.events import SessionStopped, Transition
@@ -219,8 +221,12 @@ def test_a_tree_sessions_lock_is_held_until_its_whole_tree_is_gone(tmp_path: Pat
 # -- orphans ---------------------------------------------------------------------------------
 
 # An MCP-style server: started by the session's root, it does not care that its parent died
-# (no pipe to notice, no PDEATHSIG), and this one ignores TERM as well.
-MCP = 'read go; sh -c "echo \\$\\$ > {pidfile}; trap \\"\\" TERM; exec sleep 60" & sleep 0.05; exit 3'
+# (no pipe to notice, no PDEATHSIG). This one notes each TERM and lives on: only KILL ends it.
+MCP_SERVER = ("import os, signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *_: open(sys.argv[2], 'a').write('TERM\\n'))\n"
+              "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+              "time.sleep(60)\n")
+MCP = 'read go; {python} -c "$0" {pidfile} {terms} & while [ ! -s {pidfile} ]; do sleep 0.01; done; exit 3'
 
 
 @pytest.mark.parametrize("orphans", ["keep", "kill"])
@@ -233,7 +239,9 @@ def test_a_root_sessions_orphans_are_named_and_killed_when_asked(orphans: str, t
         async with Engine(tmp_path / "state.db", source=source) as engine:
             gone: asyncio.Future[SessionOrphansGone] = asyncio.get_running_loop().create_future()
             engine.add_listener(lambda t: gone.set_result(t) if isinstance(t, SessionOrphansGone) and not gone.done() else None)
-            root = subprocess.Popen(["sh", "-c", MCP.format(pidfile=pidfile)], stdin=subprocess.PIPE, cwd=tmp_path)
+            terms = tmp_path / "terms"
+            script = MCP.format(python=sys.executable, pidfile=pidfile, terms=terms)
+            root = subprocess.Popen(["sh", "-c", script, MCP_SERVER], stdin=subprocess.PIPE, cwd=tmp_path)
             assert root.stdin is not None
             session = await engine.attach(root.pid, orphans=orphans, lock=False)  # type: ignore[arg-type]
             session.kill_grace_s = 0.3  # TERM is ignored: KILL comes after this
@@ -243,8 +251,7 @@ def test_a_root_sessions_orphans_are_named_and_killed_when_asked(orphans: str, t
             event = await asyncio.wait_for(stopped, 10)
             mcp = int(pidfile.read_text())
             assert event.exit_code == 3
-            assert [o["pid"] for o in event.orphans] == [mcp]
-            assert "sleep 60" in " ".join(event.orphans[0]["argv"])  # before or after its exec
+            assert [(o["pid"], o["argv"][-2:]) for o in event.orphans] == [(mcp, [str(pidfile), str(terms)])]
             key = ProcessKey.of(mcp)
             assert [o["key"] for o in engine.session(session.id).orphans] == [key.to_dict()]
             if orphans == "keep":
@@ -255,7 +262,154 @@ def test_a_root_sessions_orphans_are_named_and_killed_when_asked(orphans: str, t
             done = await asyncio.wait_for(gone, 10)
             assert (done.session_id, done.count) == (session.id, 1)
             assert not key.is_alive() and engine.orphaned() == []
+            assert (terms.read_text() if terms.exists() else "") == ("TERM\n" if orphans == "kill" else "")  # then KILL
             assert engine.session(session.id).live_orphans() == []
         reap_all()
 
     arun(main(), timeout=60)
+
+
+# -- through a real daemon -------------------------------------------------------------------
+
+
+@pytest.fixture
+def daemon_dirs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(socket, state dir): the socket in a directory every user may traverse."""
+    import shutil
+    import tempfile
+
+    run = Path(tempfile.mkdtemp(prefix="monitor-test-"))
+    run.chmod(0o755)
+    try:
+        yield run / "monitor.sock", tmp_path / "state"
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def cgroups_writable() -> bool:
+    from monitor import cgroups
+
+    mount = cgroups.cgroup2_mount()
+    return mount is not None and os.access(mount, os.W_OK)
+
+
+GRANDCHILD = 'echo $$ > "$1"; exec sleep 60\n'
+
+
+def test_a_launched_tree_session_outlives_a_setsid_double_fork(procs: Procs, daemon_dirs: tuple[Path, Path],
+                                                               tmp_path: Path, subreaper: None) -> None:
+    """setsid and a double fork at once, before anything could follow a fork: the cgroup still holds it."""
+    if not cgroups_writable():
+        pytest.skip("no writable cgroup v2 here")
+    from test_daemon import Daemon, cli
+
+    (tmp_path / "grand.sh").write_text(GRANDCHILD)
+    pidfile = tmp_path / "escaped"
+    d = Daemon(procs, *daemon_dirs)
+    try:
+        script = f'setsid sh -c "sh {tmp_path}/grand.sh {pidfile} & exit 0"; exit 0'
+        started = cli(d, "launch", "--tree", "--json", "--", "sh", "-c", script, cwd=tmp_path)
+        session = json.loads(started.stdout)
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+        escaped = int(pidfile.read_text())
+        with d.client() as client:
+            wait_for(lambda: client.call("session.get", id=session["id"])["root_exit"] is not None)
+            now = client.call("session.get", id=session["id"])
+            assert now["state"] == "running", now
+            assert escaped in {c["key"]["pid"] for c in now["children"] if c["state"] == "running"}
+            assert [lk["directory"] for lk in client.call("lock.list")] == [str(tmp_path)]  # held while the tree lives
+            os.kill(escaped, signal.SIGKILL)
+            wait_for(lambda: client.call("session.get", id=session["id"])["state"] == "stopped")
+            assert client.call("lock.list") == []
+    finally:
+        d.proc.terminate()
+        d.proc.wait(10)
+
+
+def test_orphans_through_the_cli_kept_and_listed_or_killed(procs: Procs, daemon_dirs: tuple[Path, Path],
+                                                            tmp_path: Path, subreaper: None) -> None:
+    from test_daemon import Daemon, cli
+
+    (tmp_path / "grand.sh").write_text(GRANDCHILD)
+    d = Daemon(procs, *daemon_dirs)
+    try:
+        for policy in ("keep", "kill"):
+            pidfile = tmp_path / f"orphan.{policy}"
+            script = f'sh {tmp_path}/grand.sh {pidfile} & while [ ! -s {pidfile} ]; do sleep 0.01; done; exit 3'
+            done = cli(d, "launch", "--wait", "--json", "--orphans", policy, "--", "sh", "-c", script, cwd=tmp_path)
+            assert done.returncode == 3, done.stderr
+            session = json.loads(done.stdout)
+            orphan = int(pidfile.read_text())
+            assert [(o["pid"], o["argv"]) for o in session["orphans"]] == [(orphan, ["sleep", "60"])]
+            with d.client() as client:
+                if policy == "keep":
+                    listed = json.loads(cli(d, "orphans", "--json").stdout)
+                    assert [(o["pid"], o["session_id"]) for o in listed] == [(orphan, session["id"])]
+                    assert "1 left behind, 1 still alive (keep)" in cli(d, "status", session["id"]).stdout
+                    assert ProcessKey.of(orphan).is_alive()
+                    os.kill(orphan, signal.SIGKILL)
+                events = client.subscribe(types=["session.orphans_gone"], session=session["id"], since=0)
+                gone = next(events)
+            assert (gone["session_id"], gone["count"]) == (session["id"], 1)
+            wait_for(lambda: json.loads(cli(d, "orphans", "--json").stdout) == [])
+            reap_all()
+    finally:
+        d.proc.terminate()
+        d.proc.wait(10)
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_tree_membership_survives_a_daemon_restart(how: str, procs: Procs, daemon_dirs: tuple[Path, Path],
+                                                   tmp_path: Path, subreaper: None) -> None:
+    from test_daemon import Daemon
+
+    (tmp_path / "grand.sh").write_text(GRANDCHILD)
+    pidfile = tmp_path / "child"
+    root = procs.sh(f"read go; sh {tmp_path}/grand.sh {pidfile} & read go; exit 0", stdin=subprocess.PIPE, cwd=tmp_path)
+    assert root.stdin is not None
+    d = Daemon(procs, *daemon_dirs)
+    with d.client() as client:
+        session = client.call("session.attach", pid=root.pid, policy="tree")
+        root.stdin.write(b"go\n")
+        root.stdin.flush()
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+        child = int(pidfile.read_text())
+        wait_for(lambda: child in {c["key"]["pid"] for c in client.call("session.get", id=session["id"])["children"]})
+    if how == "kill -9":
+        d.proc.kill()
+        d.proc.wait(10)
+        daemon_dirs[0].unlink()
+        root.stdin.write(b"go\n")  # the root ends while no daemon runs
+        root.stdin.close()
+        root.wait(10)
+    else:
+        d.proc.terminate()
+        assert d.proc.wait(10) == 0
+    again = Daemon(procs, *daemon_dirs)
+    try:
+        with again.client() as client:
+            if how == "SIGTERM":
+                root.stdin.write(b"go\n")  # the root ends after the restart
+                root.stdin.close()
+                root.wait(10)
+            wait_for(lambda: client.call("session.get", id=session["id"])["root_exit"] is not None)
+            now = client.call("session.get", id=session["id"])
+            assert now["state"] == "running", now
+            assert [lk["directory"] for lk in client.call("lock.list")] == [str(tmp_path)]
+            os.kill(child, signal.SIGKILL)
+            wait_for(lambda: client.call("session.get", id=session["id"])["state"] == "stopped")
+            ended = client.call("session.get", id=session["id"])
+            # The root's status: seen after the restart; reaped (by us) while no daemon ran: unknown.
+            assert ended["exit_code"] == (0 if how == "SIGTERM" else None)
+    finally:
+        again.proc.terminate()
+        again.proc.wait(10)
