@@ -196,8 +196,8 @@ def test_a_tree_sessions_lock_is_held_until_its_whole_tree_is_gone(tmp_path: Pat
         source = await netlink_or_skip()
         pidfile = tmp_path / "middle"
         async with Engine(tmp_path / "state.db", source=source) as engine:
-            root = subprocess.Popen(["sh", "-c", 'read go; sh -c "echo \\$\\$ > {0}; exec sleep 60" & sleep 0.05; exit 0'
-                                     .format(pidfile)], stdin=subprocess.PIPE, cwd=tmp_path)
+            script = f'read go; sh -c "echo \\$\\$ > {pidfile}; exec sleep 60" & exit 0'
+            root = subprocess.Popen(["sh", "-c", script], stdin=subprocess.PIPE, cwd=tmp_path)
             assert root.stdin is not None
             session = await engine.attach(root.pid, policy="tree")
             stopped = stopped_future(engine, session.id)
@@ -243,7 +243,7 @@ def test_a_root_sessions_orphans_are_named_and_killed_when_asked(orphans: str, t
             script = MCP.format(python=sys.executable, pidfile=pidfile, terms=terms)
             root = subprocess.Popen(["sh", "-c", script, MCP_SERVER], stdin=subprocess.PIPE, cwd=tmp_path)
             assert root.stdin is not None
-            session = await engine.attach(root.pid, orphans=orphans, lock=False)  # type: ignore[arg-type]
+            session = await engine.attach(root.pid, orphans=orphans, lock=False)
             session.kill_grace_s = 0.3  # TERM is ignored: KILL comes after this
             stopped = stopped_future(engine, session.id)
             root.stdin.write(b"go\n")
