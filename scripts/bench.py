@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmarks of monitor's event sources against baselines measured in the same run.
 
-    scripts/bench [--quick] [--only latency,storm,scale,engine,daemon,notify] [--out bench-results/latest.json]
+    scripts/bench [--quick] [--only latency,storm,scale,engine,daemon,notify,fork_churn] [--out bench-results/latest.json]
 
-Six benchmarks, each reported as ratios against a baseline from this very run
+Seven benchmarks, each reported as ratios against a baseline from this very run
 (this VM is noisy, so absolute numbers from another run are not comparable):
 
 latency  exit -> `Exited` in the Python consumer, p50/p99, for netlink (python and
@@ -28,6 +28,10 @@ notify   a real daemon (netlink) with a webhook endpoint: SIGKILL of an attached
          `session.stopped` webhook received, and -> subscriber line read, p50/p99, against
          this process's own pidfd wait + an httpcore POST / a socketpair line; the
          subscriber again with another subscriber stalled (cut off at the end); bursts.
+fork_churn a real daemon and one attached `tree` session whose process does 10,000 fork+exit
+         pairs (--quick: 2,000), 0.5 ms apart, a thousand at a time: the daemon's CPU per 1,000 pairs for
+         the first and the last thousand and their ratio (a session with 10,000 children
+         must cost per fork what it did with none), against the same churn with no session.
 
 Every helper is a child of this process and is reaped here, even on Ctrl-C: PID 1
 on the benchmark VM does not reap orphans. As a safety net this process makes
@@ -75,7 +79,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `monitor` without installing it
 C_DIR = ROOT / "scripts" / "bench_c"
-BENCHES = ("latency", "storm", "scale", "engine", "daemon", "notify")
+BENCHES = ("latency", "storm", "scale", "engine", "daemon", "notify", "fork_churn")
 
 
 class BenchError(Exception):
@@ -112,18 +116,22 @@ class Sizes:
     notify_n: int  # samples per notify measure (all rounds together)
     notify_burst_n: int  # processes SIGKILLed at once in the bursts
     notify_churn_events: int  # lock events of churn before each subscriber measure (fills the stalled one)
+    churn_pairs: int  # fork+exit pairs of the one tree session, in thousands
+    churn_baseline_pairs: int  # the same churn with no session
 
 
 FULL = Sizes(lat_rounds=5, lat_event_n=1000, lat_poll_n=200, lat_kill_n=30, lat_warmup=3,
              storm_s=10.0, storm_watched=100, scale_ns=(1_000, 10_000),
              engine_rounds=5, engine_exit_n=1000, engine_n=10_000, engine_held_n=100, engine_idle_s=5.0,
              daemon_rounds=5, daemon_rtt_n=5000, daemon_clients=10, daemon_lock_s=10.0, daemon_sqlite_s=2.0,
-             daemon_launch_n=50, notify_rounds=5, notify_n=1000, notify_burst_n=200, notify_churn_events=3000)
+             daemon_launch_n=50, notify_rounds=5, notify_n=1000, notify_burst_n=200, notify_churn_events=3000,
+             churn_pairs=10_000, churn_baseline_pairs=3_000)
 QUICK = Sizes(lat_rounds=2, lat_event_n=50, lat_poll_n=10, lat_kill_n=4, lat_warmup=1,
               storm_s=2.0, storm_watched=100, scale_ns=(1_000,),
               engine_rounds=2, engine_exit_n=50, engine_n=1_000, engine_held_n=10, engine_idle_s=1.0,
               daemon_rounds=2, daemon_rtt_n=200, daemon_clients=10, daemon_lock_s=2.0, daemon_sqlite_s=0.5,
-              daemon_launch_n=10, notify_rounds=2, notify_n=100, notify_burst_n=50, notify_churn_events=1500)
+              daemon_launch_n=10, notify_rounds=2, notify_n=100, notify_burst_n=50, notify_churn_events=1500,
+              churn_pairs=2_000, churn_baseline_pairs=1_000)
 
 
 # ======================================================================================
@@ -369,7 +377,7 @@ def reap_orphans() -> int:
 # Building the C helpers
 # ======================================================================================
 
-C_PROGRAMS = {"target": [], "cnlisten": ["-pthread"], "storm": [], "sleepers": [], "spawner": []}
+C_PROGRAMS = {"target": [], "cnlisten": ["-pthread"], "storm": [], "sleepers": [], "spawner": [], "churner": []}
 
 
 def build_c_helpers(outdir: Path) -> dict[str, str]:
@@ -2876,14 +2884,91 @@ def notify_tables(res: dict[str, Any]) -> str:
 # Report and entry point
 # ======================================================================================
 
+# -- 7. fork churn ----------------------------------------------------------------------
+
+
+# A pause after each pair, as a busy build or agent forks: each event then tends to be a
+# commit of its own (in a tight loop they arrive in bursts that one group commit takes).
+CHURN_PAUSE_US = 500
+
+
+def churn_thousand(daemon: DaemonProcess, churner: Helper, pairs: int, session_id: str | None, exited_before: int) -> dict[str, Any]:
+    """`pairs` fork+exit pairs, timed from the command to the daemon having stored every one
+    (its session's count of exited children; with no session, the churn's own end)."""
+    cpu0, wall0 = proc_cpu_s(daemon.pid), time.monotonic()
+    churner.send(f"{pairs} {CHURN_PAUSE_US}")
+    churner.expect("DONE", 300)
+    churn_wall = time.monotonic() - wall0
+    if session_id is not None:
+        deadline = time.monotonic() + 120
+        while daemon.call("session.get", id=session_id)["child_summary"]["exited"] < exited_before + pairs:
+            if time.monotonic() > deadline:
+                raise BenchError("the daemon did not account for every child within 120 s")
+            time.sleep(0.02)
+    return {"cpu_ms": round((proc_cpu_s(daemon.pid) - cpu0) * 1000, 1), "churn_wall_ms": round(churn_wall * 1000, 1),
+            "wall_ms": round((time.monotonic() - wall0) * 1000, 1)}
+
+
+def bench_fork_churn(ctx: Ctx) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="churn-", dir=ctx.tmp))
+    config = work / "config.toml"
+    config.write_text("")
+    helpers: list[Any] = []
+    ok = False
+    step = 1000
+    try:
+        daemon = DaemonProcess(sys.executable, work / "run" / "monitor.sock", work / "state", config, work / "daemon.log")
+        helpers.append(daemon)
+        hello = daemon.wait_ready(60)
+        churner = Helper("churner", [ctx.bins["churner"]])
+        helpers.append(churner)
+        churner.expect("READY", 10)
+        log(f"fork churn: {ctx.sizes.churn_baseline_pairs} pairs with no session")
+        baseline = [churn_thousand(daemon, churner, step, None, 0) for _ in range(ctx.sizes.churn_baseline_pairs // step)]
+        session = daemon.call("session.attach", pid=churner.proc.pid, policy="tree", lock=False)
+        log(f"fork churn: {ctx.sizes.churn_pairs} pairs in one tree session")
+        thousands = []
+        for i in range(ctx.sizes.churn_pairs // step):
+            thousands.append(churn_thousand(daemon, churner, step, session["id"], i * step))
+        summary = daemon.call("session.get", id=session["id"])["child_summary"]
+        rss = proc_rss_kib(daemon.pid)
+        churner.close()
+        helpers.remove(churner)
+        ok = True
+    finally:
+        for helper in reversed(helpers):
+            helper.close(abandon=not ok)
+    first, last = thousands[0]["cpu_ms"], thousands[-1]["cpu_ms"]
+    return {"source": hello.get("source"), "pairs": ctx.sizes.churn_pairs, "per": step, "pause_us": CHURN_PAUSE_US,
+            "baseline": {"thousands": baseline, "median_cpu_ms": median([b["cpu_ms"] for b in baseline])},
+            "session": {"thousands": thousands, "first_cpu_ms": first, "last_cpu_ms": last, "last_over_first": ratio(last, first),
+                        "median_cpu_ms": median([t["cpu_ms"] for t in thousands]), "child_summary": summary,
+                        "daemon_rss_kib_at_end": rss},
+            "target_last_over_first": 1.2}
+
+
+def fork_churn_table(res: dict[str, Any]) -> str:
+    s, b = res["session"], res["baseline"]
+    rows = [["no session (baseline)", fmt_num(b["median_cpu_ms"]), "-", "-",
+             fmt_num(median([t["churn_wall_ms"] for t in b["thousands"]]))],
+            ["one tree session", fmt_num(s["first_cpu_ms"]), fmt_num(s["last_cpu_ms"]), fmt_x(s["last_over_first"]),
+             fmt_num(median([t["churn_wall_ms"] for t in s["thousands"]]))]]
+    text = md_table(["churn", "daemon CPU ms / 1,000 pairs (first)", "last", "last / first (target <= 1.2)",
+                     "churn wall ms / 1,000 (median)"], rows)
+    per = ", ".join(fmt_num(t["cpu_ms"]) for t in s["thousands"])
+    return (text + f"\n\nSource {res['source']}; {res['pairs']:,} pairs, {res['pause_us']} µs apart. Daemon CPU ms per 1,000 pairs, in order: {per}. "
+            f"The session at the end: {s['child_summary']}; daemon RSS {s['daemon_rss_kib_at_end']:,} KiB.")
+
+
 RUNNERS = {"latency": bench_latency, "storm": bench_storm, "scale": bench_scale, "engine": bench_engine,
-           "daemon": bench_daemon, "notify": bench_notify}
+           "daemon": bench_daemon, "notify": bench_notify, "fork_churn": bench_fork_churn}
 TABLES = {"latency": latency_tables, "storm": storm_tables, "scale": scale_table, "engine": engine_tables,
-          "daemon": daemon_tables, "notify": notify_tables}
+          "daemon": daemon_tables, "notify": notify_tables, "fork_churn": fork_churn_table}
 TITLES = {"latency": "Exit latency (non-child process, exit → `Exited` in the consumer)",
           "storm": "Fork storm", "scale": "Scale", "engine": "Engine (exit → lock released and committed; sessions at scale)",
           "daemon": "Daemon (socket round trips, locks, `monitor launch`)",
-          "notify": "Notifications (exit → webhook received, exit → subscriber line; a stalled subscriber; bursts)"}
+          "notify": "Notifications (exit → webhook received, exit → subscriber line; a stalled subscriber; bursts)",
+          "fork_churn": "Fork churn (one tree session, 10,000 fork+exit pairs: daemon CPU per 1,000, first vs last)"}
 
 
 def native_status() -> tuple[bool, str | None]:

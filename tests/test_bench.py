@@ -327,3 +327,18 @@ def test_notify_bursts_are_sane(quick_notify: dict[str, Any]) -> None:
         assert b["n"] == b["arrived"] == n, key
         assert 0 < b["first_s"] <= b["last_s"], key
         assert b["last_vs_baseline"] > 0 and b["sender_cpu_us_each"] > 0, key
+
+
+def test_fork_churn_runs_and_accounts_for_every_child(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    result = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--only", "fork_churn", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    data = json.loads(out.read_text())
+    assert set(data) == {"meta", "fork_churn"}
+    churn = data["fork_churn"]
+    session = churn["session"]
+    assert len(session["thousands"]) == churn["pairs"] // 1000 and len(churn["baseline"]["thousands"]) >= 1
+    assert session["child_summary"] == {"running": 0, "exited": churn["pairs"], "unobservable": 0}
+    assert session["first_cpu_ms"] > 0 and session["last_over_first"] is not None
+    assert "last / first (target <= 1.2)" in result.stdout
