@@ -190,8 +190,9 @@ class SessionStarted(Transition):
 class SessionStopped(Transition):
     """The session's one stop. reason: exited (it ended by itself), killed (after a stop
     request), timeout (after its master timeout fired), lost (dead, nothing tells how),
-    reboot (its boot is over). `orphans`: its descendants still alive at the stop, each
-    {pid, key, argv} (empty when none)."""
+    reboot (its boot is over), not_started (a launch registered, but the daemon died
+    before its go: the command never ran). `orphans`: its descendants still alive at the
+    stop, each {pid, key, argv} (empty when none)."""
 
     type: ClassVar[str] = "session.stopped"
     session_id: str
