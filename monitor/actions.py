@@ -19,13 +19,13 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from monitor import cgroups
+from monitor import cgroups, members
 from monitor.errors import MonitorError
 from monitor.events import FuseFired, HookFailed, SessionStarted, SessionStopped, Transition
 from monitor.hooks import run_hook, run_shell
 from monitor.identity import ProcessKey
 from monitor.store import Record
-from monitor.tracker import Session, Signal, Step
+from monitor.tracker import Session, Signal, SignalOrphans, Step, Watch
 
 if TYPE_CHECKING:
     from monitor.committer import Work
@@ -55,6 +55,11 @@ class Actions:
         for command in step.commands:
             if isinstance(command, Signal):
                 self._guarded("signalling", self.signal, command)
+            elif isinstance(command, Watch):  # a member found by the kernel, an orphan
+                self._guarded("following a process", self.engine.watch, command)
+            elif isinstance(command, SignalOrphans):
+                self._guarded("signalling orphans", members.signal_orphans, self.engine.tracker.sessions[command.session_id],
+                              command.signum)
         for transition in step.transitions:
             if isinstance(transition, SessionStarted):
                 self._guarded("running on-start hooks", self.run_hooks, self.engine.tracker.sessions.get(transition.session_id),
@@ -87,7 +92,10 @@ class Actions:
         """Signal the session's cgroup, its process group (a launched command leads one), or
         the process; through a pidfd, so a reused PID can never be hit."""
         key, alive = command.key, self.engine.alive
-        session = self.engine.tracker.session_of(key)
+        session = self.engine.tracker.session_of(key) or self.engine.tracker.session_rooted_at(key)
+        if session is not None and session.policy == "tree" and session.key == key:
+            for child in list(session.children.values()):  # the whole tree, each by its own pidfd
+                members.signal_key(child.key, command.signum)
         if session is not None and session.cgroup is not None and session.key == key and alive(key):
             if cgroups.signal_all(Path(session.cgroup), command.signum):
                 return  # every descendant, wherever it moved its process group

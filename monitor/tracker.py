@@ -195,6 +195,13 @@ class Session:
         return {"running": sum(c.state == "running" for c in self.children.values()), "exited": self.children_exited,
                 "unobservable": self.children_unobservable}
 
+    def child(self, key: ProcessKey) -> Child | None:
+        """A live child, or one of the last that ended (None: never one, or forgotten)."""
+        found = self.children.get(key)
+        if found is None:
+            found = next((c for c in reversed(self.recent) if c.key == key), None)
+        return found
+
     def live_orphans(self) -> list[dict[str, Any]]:
         return [o for o in self.orphans if o["state"] == "running"]
 
@@ -319,6 +326,8 @@ class Tracker:
         for key in [session.key, *session.children]:
             if self._by_key.get(key) == session_id:
                 del self._by_key[key]
+        if self._roots.get(session.key) == session_id:
+            del self._roots[session.key]
 
     def add(self, session: Session) -> Step:
         if session.id in self.sessions:
