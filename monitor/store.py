@@ -177,9 +177,10 @@ class Store:
                 "SELECT c.session_id, c.data FROM children c JOIN sessions s ON s.id = c.session_id "
                 "WHERE s.state = 'running' OR s.stopped_at >= ?", (stopped_since,)):
             by_id[sid].setdefault("children", []).append(json.loads(data))
-        for sid, exited, unobservable in self._db.execute("SELECT session_id, exited, unobservable FROM child_counts"):
-            if sid in by_id:
-                by_id[sid]["child_counts"] = (exited, unobservable)
+        for sid, exited, unobservable in self._db.execute(
+                "SELECT c.session_id, c.exited, c.unobservable FROM child_counts c JOIN sessions s ON s.id = c.session_id "
+                "WHERE s.state = 'running' OR s.stopped_at >= ?", (stopped_since,)):
+            by_id[sid]["child_counts"] = (exited, unobservable)
         locks = [json.loads(d) for (d,) in self._db.execute("SELECT data FROM locks")]
         fuses = [json.loads(d) for (d,) in self._db.execute("SELECT data FROM fuses")]
         return sessions, locks, fuses
