@@ -22,8 +22,8 @@ import pytest
 from conftest import Procs, arun
 
 from monitor.engine import Engine
-from monitor.events import SessionStopped, Transition
-from monitor.identity import ProcessKey
+from monitor.events import Exited, Forked, SessionStopped, Transition
+from monitor.identity import ProcessKey, read_stat
 from monitor.sources.netlink import NetlinkSource
 from monitor.tracker import Session
 
@@ -410,6 +410,118 @@ def test_tree_membership_survives_a_daemon_restart(how: str, procs: Procs, daemo
             ended = client.call("session.get", id=session["id"])
             # The root's status: seen after the restart; reaped (by us) while no daemon ran: unknown.
             assert ended["exit_code"] == (0 if how == "SIGTERM" else None)
+    finally:
+        again.proc.terminate()
+        again.proc.wait(10)
+
+
+# -- the source's promise: lineage in order --------------------------------------------------------
+
+
+async def tree_events(source: NetlinkSource, root: ProcessKey, last: int) -> list[Forked | Exited]:
+    """The tree's events until every member it reported (the one with PID `last` among them) has exited."""
+    events: list[Forked | Exited] = []
+    members = {root}
+    async for event in source:
+        if isinstance(event, Forked) and event.parent in members:
+            members.add(event.child)
+            events.append(event)
+        elif isinstance(event, Exited) and event.key in members:
+            events.append(event)
+            ended = {e.key for e in events if isinstance(e, Exited)}
+            if ended == members and any(m.pid == last for m in members):
+                break
+    return events
+
+
+@pytest.mark.parametrize("decoder", ["native", "python"])
+def test_a_tree_watch_reports_each_member_forked_before_its_own_forks_and_exit(decoder: str, tmp_path: Path,
+                                                                              subreaper: None) -> None:
+    """However fast the tree forks and dies: every member is `Forked` before anything of its own,
+    its own forks come before its `Exited`, and each gets exactly one `Exited`."""
+
+    async def main() -> None:
+        source = await netlink_or_skip(decoder=decoder)
+        async with source:
+            for trial in range(20):
+                pidfile = tmp_path / f"g.{trial}"
+                root = subprocess.Popen(["sh", "-c", DOUBLE_FORK.format(pidfile=pidfile)], stdin=subprocess.PIPE)
+                assert root.stdin is not None
+                key = ProcessKey.of(root.pid)
+                source.watch(key, descendants=True)
+                root.stdin.write(b"go\n")
+                root.stdin.close()
+                await asyncio.to_thread(root.wait)
+                await until(lambda: pidfile.exists() and pidfile.read_text().strip() != "")  # noqa: B023
+                grandchild = int(pidfile.read_text())
+                os.kill(grandchild, signal.SIGKILL)
+                events = await asyncio.wait_for(tree_events(source, key, grandchild), 10)
+                reap_all()
+                seen: set[ProcessKey] = {key}
+                ended: set[ProcessKey] = set()
+                for event in events:
+                    if isinstance(event, Forked):
+                        assert event.parent in seen and event.parent not in ended, f"trial {trial}: {events}"
+                        seen.add(event.child)
+                    else:
+                        assert event.key in seen and event.key not in ended, f"trial {trial}: {events}"
+                        ended.add(event.key)
+                assert ended == seen and len(seen) >= 3  # root, intermediate, grandchild
+
+    arun(main(), timeout=120)
+
+
+# -- immediate forks at launch ------------------------------------------------------------------
+
+
+def test_launch_tree_wait_waits_for_a_child_forked_at_once(procs: Procs, daemon_dirs: tuple[Path, Path],
+                                                           tmp_path: Path, subreaper: None) -> None:
+    from test_daemon import Daemon, cli
+
+    (tmp_path / "grand.sh").write_text('echo $$ > "$1"; exec sleep 1\n')
+    pidfile = tmp_path / "early"
+    d = Daemon(procs, *daemon_dirs)
+    try:
+        done = cli(d, "launch", "--tree", "--wait", "--json", "--", "sh", "-c", f"sh {tmp_path}/grand.sh {pidfile} & exit 4",
+                   cwd=tmp_path)
+        assert done.returncode == 4, done.stderr
+        early = int(pidfile.read_text())
+        session = json.loads(done.stdout)
+        assert early in {c["key"]["pid"] for c in session["children"]}
+        stat = read_stat(early)
+        assert stat is None or stat.defunct  # --wait returned only once the early child was gone
+    finally:
+        d.proc.terminate()
+        d.proc.wait(10)
+
+
+def test_orphans_are_followed_across_a_restart(procs: Procs, daemon_dirs: tuple[Path, Path], tmp_path: Path,
+                                                subreaper: None) -> None:
+    from test_daemon import Daemon, cli
+
+    (tmp_path / "grand.sh").write_text(GRANDCHILD)
+    pidfile = tmp_path / "orphan"
+    d = Daemon(procs, *daemon_dirs)
+    script = f'sh {tmp_path}/grand.sh {pidfile} & while [ ! -s {pidfile} ]; do sleep 0.01; done; exit 0'
+    root = procs.sh(f"read go; {script}", stdin=subprocess.PIPE, cwd=tmp_path)
+    assert root.stdin is not None
+    with d.client() as client:
+        session = client.call("session.attach", pid=root.pid, lock=False)
+        root.stdin.write(b"go\n")
+        root.stdin.close()
+        wait_for(lambda: client.call("session.get", id=session["id"])["state"] == "stopped")
+    orphan = int(pidfile.read_text())
+    d.proc.kill()
+    d.proc.wait(10)
+    daemon_dirs[0].unlink()
+    again = Daemon(procs, *daemon_dirs)
+    try:
+        listed = json.loads(cli(again, "orphans", "--json").stdout)
+        assert [(o["pid"], o["session_id"]) for o in listed] == [(orphan, session["id"])]
+        with again.client() as client:
+            events = client.subscribe(types=["session.orphans_gone"], session=session["id"], since=0)
+            os.kill(orphan, signal.SIGKILL)
+            assert next(events)["count"] == 1
     finally:
         again.proc.terminate()
         again.proc.wait(10)
