@@ -519,8 +519,9 @@ def test_orphans_are_followed_across_a_restart(procs: Procs, daemon_dirs: tuple[
         listed = json.loads(cli(again, "orphans", "--json").stdout)
         assert [(o["pid"], o["session_id"]) for o in listed] == [(orphan, session["id"])]
         with again.client() as client:
-            events = client.subscribe(types=["session.orphans_gone"], session=session["id"], since=0)
             os.kill(orphan, signal.SIGKILL)
+            wait_for(lambda: [o["state"] for o in client.call("session.get", id=session["id"])["orphans"]] == ["exited"])
+            events = client.subscribe(types=["session.orphans_gone"], session=session["id"], since=0)
             assert next(events)["count"] == 1
     finally:
         again.proc.terminate()
