@@ -262,9 +262,11 @@ class Engine:
         if isinstance(event, Exited):
             step = Step()
             # A launched tree's cgroup may hold members no fork event named (forked before it
-            # was followed): taken before its stop is judged.
+            # was followed): taken before its stop is judged (its root's exit, or its last
+            # tracked member's after the root's).
             member_of = self.tracker.session_of(event.key) or self.tracker.session_rooted_at(event.key)
-            if member_of is not None:
+            if member_of is not None and (event.key == member_of.key or (
+                    member_of.root_exit is not None and len(member_of.children) <= 1)):
                 step.extend(self.adopt_cgroup(member_of))
             if not self.tracker.holds_tree(event.key):  # a tree's lock is held until the tree is gone
                 # The lock goes first: released the moment its owner's exit is known.
