@@ -305,16 +305,18 @@ def cgroups_writable() -> bool:
 GRANDCHILD = 'echo $$ > "$1"; exec sleep 60\n'
 
 
-def test_a_launched_tree_session_outlives_a_setsid_double_fork(procs: Procs, daemon_dirs: tuple[Path, Path],
+@pytest.mark.parametrize("source", ["netlink", "pidfd"])
+def test_a_launched_tree_session_outlives_a_setsid_double_fork(source: str, procs: Procs, daemon_dirs: tuple[Path, Path],
                                                                tmp_path: Path, subreaper: None) -> None:
-    """setsid and a double fork at once, before anything could follow a fork: the cgroup still holds it."""
+    """setsid and a double fork at once. netlink follows the lineage; pidfd, which only scans for
+    children, cannot (the intermediate is gone before a scan): the cgroup still holds it."""
     if not cgroups_writable():
         pytest.skip("no writable cgroup v2 here")
     from test_daemon import Daemon, cli
 
     (tmp_path / "grand.sh").write_text(GRANDCHILD)
     pidfile = tmp_path / "escaped"
-    d = Daemon(procs, *daemon_dirs)
+    d = Daemon(procs, *daemon_dirs, "--source", source)
     try:
         script = f'setsid sh -c "sh {tmp_path}/grand.sh {pidfile} & exit 0"; exit 0'
         started = cli(d, "launch", "--tree", "--json", "--", "sh", "-c", script, cwd=tmp_path)
