@@ -95,7 +95,7 @@ class Actions:
         session = self.engine.tracker.session_of(key) or self.engine.tracker.session_rooted_at(key)
         if session is not None and session.policy == "tree" and session.key == key:
             for child in list(session.children.values()):  # the whole tree, each by its own pidfd
-                members.signal_key(child.key, command.signum)
+                members.signal_key(child.key, command.signum, session.owner_uid)
         if session is not None and session.cgroup is not None and session.key == key and alive(key):
             if cgroups.signal_all(Path(session.cgroup), command.signum):
                 return  # every descendant, wherever it moved its process group
@@ -195,6 +195,8 @@ class Actions:
 
 def send_through_pidfd(key: ProcessKey, signum: int) -> None:
     """Signal the process `key` names (its group, when it leads one), never a reused PID."""
+    if sys.platform != "linux":
+        raise MonitorError("pidfds are Linux's")
     try:
         fd = os.pidfd_open(key.pid)
     except OSError:

@@ -1,4 +1,4 @@
-"""The `monitor` command line: wait, events, doctor."""
+"""The `monitor` command line: wait, events, doctor, the daemon's commands, fleet."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from monitor import __version__
-from monitor.client import DaemonUnreachable
+from monitor import __version__, fleetcli
+from monitor.client import DaemonUnreachable, UntrustedSocket
 from monitor.errors import MonitorError, NoSuchProcess, SourceUnavailable
 from monitor.events import TRANSITION_TYPES, Event, Execed, Exited, Forked, Overrun
 from monitor.identity import ProcessKey
@@ -269,7 +269,7 @@ def _print_doctor(report: dict[str, Any]) -> None:
 
 # -- the daemon and its clients ------------------------------------------------------------
 
-EXIT_UNREACHABLE = 3  # no daemon answered
+EXIT_UNREACHABLE = 3  # no daemon answered, or none that can be trusted (nothing was sent to it)
 EXIT_CODES = {"not_found": 4, "lock_held": 5, "conflict": 5, "forbidden": 6}
 
 
@@ -402,6 +402,8 @@ def _client_command(args: argparse.Namespace) -> int:
         print(f"monitor daemon {value['version']} (PID {value['pid']}), up {value['uptime_s']:.0f}s, source {value['source']}")
         print(f"sessions running {value['sessions_running']}, locks {value['locks']}, fuses {value['fuses']}; "
               f"state {value['state_db']}")
+        if value.get("store", "ok") != "ok":
+            print(f"store FAILING: {value['store']} (changes are refused; exits are kept and stored when it works again)")
     else:
         print(json.dumps(value) if not isinstance(value, dict) else
               " ".join(f"{k}={v}" for k, v in value.items() if v is not None))
@@ -723,6 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q = fuse.add_parser("list")
     q.add_argument("--json", action="store_true")
+
+    fleetcli.add_parser(sub, parse_duration, _types)
     return parser
 
 
@@ -769,9 +773,17 @@ def main(argv: list[str] | None = None) -> int:
             return _launch(args)
         if args.command == "logs":
             return _logs(args)
+        if args.command == "fleet":
+            return fleetcli.run(args)
         return _client_command(args)
-    except DaemonUnreachable as err:
+    except (DaemonUnreachable, fleetcli.FleetUnreachable) as err:
         print(f"monitor {args.command}: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except UntrustedSocket as err:
+        if args.command == "daemon":  # its own runtime directory: a start that failed
+            print(f"monitor daemon: {err}", file=sys.stderr)
+            return 1
+        print(f"monitor {args.command}: {err}; nothing was sent to it", file=sys.stderr)
         return EXIT_UNREACHABLE
     except ProtocolError as err:
         print(f"monitor {args.command}: {err.message}" + (" [" + err.code + "]" if args.verbose else ""), file=sys.stderr)

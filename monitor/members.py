@@ -50,9 +50,27 @@ def live_descendants(session: Session, alive: Callable[[ProcessKey], bool]) -> l
     return found
 
 
-def signal_key(key: ProcessKey, signum: int) -> None:
+def may_signal(uid: int | None, pid: int) -> bool:
+    """Whether `uid` could signal `pid` itself (kill(2): its uid equals the target's real or
+    saved uid), so that the daemon, acting for a user, does no more than the user could.
+    None or 0 (root, or the daemon's own): always."""
+    if not uid:
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    real, _effective, saved = (int(v) for v in line.split()[1:4])
+                    return uid in (real, saved)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def signal_key(key: ProcessKey, signum: int, as_uid: int | None = None) -> None:
     """Signal this very process through a pidfd opened and then checked against its key,
-    so a PID reused since can never be hit; nothing when it is gone."""
+    so a PID reused since can never be hit; nothing when it is gone, or when `as_uid`
+    could not signal it itself."""
     if sys.platform != "linux":
         with contextlib.suppress(OSError, MonitorError):
             if key.is_alive():
@@ -63,7 +81,7 @@ def signal_key(key: ProcessKey, signum: int) -> None:
     except OSError:
         return  # gone already: its Exited is on its way
     try:
-        if ProcessKey.of(key.pid) == key:
+        if ProcessKey.of(key.pid) == key and may_signal(as_uid, key.pid):
             signal.pidfd_send_signal(fd, signum)
     except (OSError, MonitorError):
         pass
@@ -73,8 +91,9 @@ def signal_key(key: ProcessKey, signum: int) -> None:
 
 def signal_orphans(session: Session, signum: int) -> None:
     """Each live orphan of a stopped session: through its cgroup when it was launched
-    (cgroup.kill for KILL), else one pidfd per key."""
+    (cgroup.kill for KILL: the launch's cgroup is killed as one, as `session.stop` does),
+    else one pidfd per key, only those its owner could signal itself."""
     if session.cgroup is not None and cgroups.signal_all(Path(session.cgroup), signum):
         return
     for orphan in session.live_orphans():
-        signal_key(ProcessKey.from_dict(orphan["key"]), signum)
+        signal_key(ProcessKey.from_dict(orphan["key"]), signum, session.owner_uid)

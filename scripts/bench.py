@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmarks of monitor's event sources against baselines measured in the same run.
 
-    scripts/bench [--quick] [--only latency,storm,scale,engine,daemon,notify,fork_churn] [--out bench-results/latest.json]
+    scripts/bench [--quick] [--only latency,storm,scale,engine,daemon,notify,fleet,fork_churn] [--out bench-results/latest.json]
 
-Seven benchmarks, each reported as ratios against a baseline from this very run
+Eight benchmarks, each reported as ratios against a baseline from this very run
 (this VM is noisy, so absolute numbers from another run are not comparable):
 
 latency  exit -> `Exited` in the Python consumer, p50/p99, for netlink (python and
@@ -28,6 +28,9 @@ notify   a real daemon (netlink) with a webhook endpoint: SIGKILL of an attached
          `session.stopped` webhook received, and -> subscriber line read, p50/p99, against
          this process's own pidfd wait + an httpcore POST / a socketpair line; the
          subscriber again with another subscriber stalled (cut off at the end); bursts.
+fleet    a real daemon publishing to a real nats-server -js: exit -> `session.stopped` read
+         from a JetStream consumer, against a bare nats-py publish-and-consume of the same
+         size; a burst of stops until the last is in the stream (scripts/bench_fleet.py).
 fork_churn a real daemon and one attached `tree` session whose process does 10,000 fork+exit
          pairs (--quick: 2,000), 0.5 ms apart, a thousand at a time: the daemon's CPU per 1,000 pairs for
          the first and the last thousand and their ratio (a session with 10,000 children
@@ -78,8 +81,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `monitor` without installing it
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_fleet import bench_fleet, fleet_tables  # noqa: E402 - one module per benchmark from here on
 C_DIR = ROOT / "scripts" / "bench_c"
-BENCHES = ("latency", "storm", "scale", "engine", "daemon", "notify", "fork_churn")
+BENCHES = ("latency", "storm", "scale", "engine", "daemon", "notify", "fleet", "fork_churn")
 
 
 class BenchError(Exception):
@@ -2961,13 +2966,14 @@ def fork_churn_table(res: dict[str, Any]) -> str:
 
 
 RUNNERS = {"latency": bench_latency, "storm": bench_storm, "scale": bench_scale, "engine": bench_engine,
-           "daemon": bench_daemon, "notify": bench_notify, "fork_churn": bench_fork_churn}
+           "daemon": bench_daemon, "notify": bench_notify, "fleet": bench_fleet, "fork_churn": bench_fork_churn}
 TABLES = {"latency": latency_tables, "storm": storm_tables, "scale": scale_table, "engine": engine_tables,
-          "daemon": daemon_tables, "notify": notify_tables, "fork_churn": fork_churn_table}
+          "daemon": daemon_tables, "notify": notify_tables, "fleet": fleet_tables, "fork_churn": fork_churn_table}
 TITLES = {"latency": "Exit latency (non-child process, exit → `Exited` in the consumer)",
           "storm": "Fork storm", "scale": "Scale", "engine": "Engine (exit → lock released and committed; sessions at scale)",
           "daemon": "Daemon (socket round trips, locks, `monitor launch`)",
           "notify": "Notifications (exit → webhook received, exit → subscriber line; a stalled subscriber; bursts)",
+          "fleet": "Fleet (exit → event read from a NATS JetStream consumer; a burst of stops)",
           "fork_churn": "Fork churn (one tree session, 10,000 fork+exit pairs: daemon CPU per 1,000, first vs last)"}
 
 
