@@ -528,3 +528,20 @@ def test_orphans_are_followed_across_a_restart(procs: Procs, daemon_dirs: tuple[
     finally:
         again.proc.terminate()
         again.proc.wait(10)
+
+
+def test_signals_for_a_user_reach_only_what_the_user_could_signal(procs: Procs) -> None:
+    """An orphan (or tree member) that became another user is not signalled on a user's behalf."""
+    from monitor import members
+
+    NOBODY = 65534
+    roots = procs.spawn("sleep", "60")
+    nobodys = procs.spawn("sleep", "60", user=NOBODY)
+    assert members.may_signal(None, roots.pid) and members.may_signal(0, roots.pid)
+    assert members.may_signal(NOBODY, nobodys.pid) and not members.may_signal(NOBODY, roots.pid)
+    members.signal_key(ProcessKey.of(roots.pid), signal.SIGTERM, as_uid=NOBODY)
+    members.signal_key(ProcessKey.of(nobodys.pid), signal.SIGTERM, as_uid=NOBODY)
+    assert nobodys.wait(10) == -signal.SIGTERM
+    assert roots.poll() is None  # nobody could not have: neither did the daemon for it
+    members.signal_key(ProcessKey.of(roots.pid), signal.SIGTERM)
+    assert roots.wait(10) == -signal.SIGTERM
