@@ -32,7 +32,7 @@ SECRET = "whsec_" + base64.b64encode(b"twenty-four random bytes").decode()
 AGENTCTL_SECRET = "an agentctl shared secret"
 
 
-def endpoint_toml(url: str, name: str = "hook", secret: str = SECRET, **options: Any) -> str:
+def endpoint_toml(url: str, name: str = "hook", secret: str | list[str] = SECRET, **options: Any) -> str:
     settings = {"name": name, "url": url, "secret": secret, "allow_private": True, "retry_first_s": 0.2, "timeout_s": 5, **options}
     return "[[webhooks]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
 
@@ -111,6 +111,22 @@ def test_an_exit_7_is_delivered_once_signed_both_ways_with_its_real_status(rigs:
         assert not standard_signature_ok(tampered, SECRET) and not agentctl_signature_ok(tampered, SECRET)
         assert not standard_signature_ok(request, "whsec_" + base64.b64encode(b"another secret, not ours").decode())
         assert SECRET not in rig.stop() and SECRET not in json.dumps(body)
+
+
+def test_while_rotating_every_secret_signs_the_standard_header_and_the_first_signs_agentctls(
+        rigs: list[Rig], procs: Procs, tmp_path: Path, work: Path) -> None:
+    """`secret = [new, old]`: a receiver that still has only the old secret, and one that has
+    only the new, both accept the Standard Webhooks signature (one `v1,` per secret). agentctl's
+    headers hold one signature each, so they carry the first secret's (the new one) alone."""
+    new, old = SECRET, AGENTCTL_SECRET
+    with Receiver() as receiver:
+        rig = Rig(procs, tmp_path, endpoint_toml(receiver.url, secret=[new, old], events=["session.stopped"]))
+        rigs.append(rig)
+        rig.launch("exit 3", work)
+        [request] = receiver.wait_for(1)
+    assert len(request.headers["webhook-signature"].split()) == 2
+    assert standard_signature_ok(request, new) and standard_signature_ok(request, old)
+    assert agentctl_signature_ok(request, new) and not agentctl_signature_ok(request, old)
 
 
 def test_sigkill_is_reported_as_the_signal(rigs: list[Rig], procs: Procs, tmp_path: Path, work: Path) -> None:
