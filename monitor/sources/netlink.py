@@ -189,7 +189,7 @@ class NetlinkSource(EventSource):
         self._filter_mode = "mask"
         self._program: bytes | None = None
         self._filter_refresh_pending = False
-        self._confirming = False  # no tgid filter then: the probe may exit before we learn its PID
+        self._confirming = False  # our own tgid passes the filter then: the probe's fork confirms
         self._sock: socket.socket | None = None
         self._reader: Reader | None = None
         self._check_gaps = False
@@ -344,9 +344,14 @@ class NetlinkSource(EventSource):
         type_mask = self._kernel_mask() if self._filter_mode == "bpf" else None
         tgids: list[int] | None = None
         # Not with "none": there the per-CPU seq numbers detect loss, and a filter makes gaps.
-        if (not self.all_events and self._filter_mode != "none"
-                and not self._confirming and len(self._watches) <= self.max_filtered_tgids):
+        if not self.all_events and self._filter_mode != "none" and len(self._watches) <= self.max_filtered_tgids:
             tgids = list(self._watches)
+            if self._confirming:
+                # The probe's fork names our tgid as its parent's, and that event alone
+                # confirms. Every other process stays out even then: unfiltered, a busy
+                # host's forks filled a small buffer in that window, and the kernel then
+                # dropped the first watched exit (ENOBUFS), which only a relist reported.
+                tgids.append(os.getpid())
         program = None
         if type_mask is not None or tgids is not None:
             trees = any(w.descendants for w in self._watches.values())
