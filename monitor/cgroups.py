@@ -43,6 +43,13 @@ def create(session_id: str) -> Path | None:
     return path
 
 
+def path_of(session_id: str) -> Path | None:
+    """The session's cgroup, if it has one."""
+    mount = cgroup2_mount()
+    path = mount / "monitor" / session_id if mount is not None else None
+    return path if path is not None and path.is_dir() else None
+
+
 def signal_all(path: Path, signum: int) -> bool:
     """Signal every process in the cgroup; True if the cgroup took it."""
     if signum == signal.SIGKILL and (path / "cgroup.kill").exists():

@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from monitor.config import Config, listen_address, load_config
 from monitor.engine import Engine
@@ -68,6 +69,7 @@ async def _watchdog(interval_s: float) -> None:
 
 
 async def serve(config: Config, config_file: str | None = None) -> int:
+    status = 0
     lock_fd = hold_instance_lock(config.state_dir)
     try:
         metrics = Metrics()
@@ -109,7 +111,14 @@ async def serve(config: Config, config_file: str | None = None) -> int:
             watchdog_usec = os.environ.get("WATCHDOG_USEC")
             if watchdog_usec and watchdog_usec.isdigit():
                 tasks.append(loop.create_task(_watchdog(int(watchdog_usec) / 2e6)))
-            await stop.wait()
+            assert engine.failed is not None
+            stopping = loop.create_task(stop.wait())
+            either: list[asyncio.Future[Any]] = [stopping, engine.failed]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if engine.failed.done():  # a core task died: exit now, for the service manager to restart us
+                log.critical("exiting: %r", engine.failed.result())
+                status = 1
             sd_notify("STOPPING=1")
             log.info("stopping: no fuse fires and no lock is released for this")
             for task in tasks:
@@ -123,7 +132,7 @@ async def serve(config: Config, config_file: str | None = None) -> int:
             await engine.close()
     finally:
         os.close(lock_fd)
-    return 0
+    return status
 
 
 async def _refresh(metrics: Metrics, interval_s: float) -> None:

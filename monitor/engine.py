@@ -1,56 +1,47 @@
 """The engine: a source's events through the tracker, locks and fuses into the store.
 
-    kernel -> source -> Engine._on_event -> tracker / locks / fuses -> Store (one
-    transaction) -> commands (signals, fuse actions, hooks) and listeners (the
-    transitions; the committed event records, with their ids)
+    kernel -> source -> Engine._on_event -> tracker / locks / fuses -> Committer
+    (one transaction) -> Actions (signals, hooks, fuse actions, listeners)
 
 Thin by design: the decisions are the pure state machines'; the engine feeds them
-events and the time, commits what they decide, and only then acts. Every method is
+events and the time, hands what they decide to the committer, and acts only once it
+is stored. Its rooms: `committer.py` (the invariant: memory is what a restart would
+load, plus what is queued; a client's change that cannot be stored is undone),
+`actions.py` (every side effect, guarded), `reconcile.py` (restart). Every method is
 called on the event loop's thread; SQLite runs on one worker thread of its own.
+
+If the commit or timer loop dies anyway, `failed` says why: the daemon exits non-zero
+at once rather than hang.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
 import signal as signals
-import sys
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from monitor import cgroups
+from monitor import reconcile
+from monitor.actions import Actions
 from monitor.clock import Clock, SystemClock
+from monitor.committer import Committer, Rows, Work
 from monitor.errors import MonitorError
-from monitor.events import (
-    RELIST,
-    Event,
-    Exited,
-    Forked,
-    FuseFired,
-    HookFailed,
-    LockAcquired,
-    LockReleased,
-    Overrun,
-    SessionStarted,
-    SessionStopped,
-    Transition,
-)
+from monitor.events import RELIST, Event, Exited, Forked, Overrun, SessionStopped, Transition
 from monitor.fuses import DirFuse, FuseTable
-from monitor.hooks import HOOK_TIMEOUT_S, run_hook, run_shell
+from monitor.hooks import HOOK_TIMEOUT_S
 from monitor.identity import ProcessKey, boot_id
 from monitor.locks import Lock, LockTable
 from monitor.sources import select_source
 from monitor.sources.base import EventSource
-from monitor.sources.inotify import ExitFileSource, read_exit_file
+from monitor.sources.inotify import ExitFileSource
 from monitor.store import Batch, Record, Store
-from monitor.tracker import Policy, Session, Signal, Step, Tracker, Watch, new_session_id
+from monitor.tracker import Policy, Session, Step, Tracker, Watch, new_session_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,8 +50,6 @@ DEFAULT_RELIST_INTERVAL_S = 30.0
 DEFAULT_RETAIN_STOPPED_S = 24 * 3600.0
 DEFAULT_RETAIN_EVENTS_S = 7 * 24 * 3600.0
 PRUNE_INTERVAL_S = 3600.0
-FUSE_ACTION_TIMEOUT_S = 120.0
-HOOKS_AT_ONCE = 64  # a burst of stops runs its hooks this many at a time
 
 
 class Observer(Protocol):
@@ -143,7 +132,7 @@ class Engine:
         self._source_options = source_options or {}
         self.exit_dir = Path(exit_dir) if exit_dir else None
         self.clock: Clock = clock or SystemClock()
-        self._alive = alive or ProcessKey.is_alive
+        self.alive = alive or ProcessKey.is_alive
         self.relist_interval_s = relist_interval_s
         # Stopped sessions stay in memory (and are loaded at start) this long; the store keeps all.
         self.retain_stopped_s = retain_stopped_s
@@ -159,20 +148,19 @@ class Engine:
         self._exit_files: ExitFileSource | None = None
         self._store: Store | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor-store")
-        self._commits: asyncio.Queue[tuple[Batch, Step, asyncio.Future[None] | None] | None] | None = None
+        self.committer: Committer | None = None
+        self.actions: Actions | None = None
+        self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._timers = timers
         self._buffer: list[Event] | None = []
-        self._listeners: list[Callable[[Transition], None]] = []
-        self._record_listeners: list[Callable[[Record], None]] = []
-        self._hook_slots: asyncio.Semaphore | None = None
-        self._hook_chains: dict[str, asyncio.Task[Any]] = {}  # a session's hooks run one after another
+        self._pending_listeners: tuple[list[Callable[[Transition], None]], list[Callable[[Record], None]]] = ([], [])
         self._next_prune = 0.0
         self._wake: asyncio.Event | None = None
         self._next_relist = 0.0
-        self._actions: set[asyncio.Task[Any]] = set()
-        self._dirty_fuses: set[str] = set()  # fuses changed since the last batch
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.failed: asyncio.Future[BaseException] | None = None  # done when a core task died
+        self.recovered_launches: list[str] = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -187,9 +175,12 @@ class Engine:
         """Open the source first (buffering its events), load and verify the state, apply
         the buffer, then run. Nothing is fired for a process that lives."""
         loop = self._loop = asyncio.get_running_loop()
-        self._commits = asyncio.Queue()
         self._wake = asyncio.Event()
-        self._hook_slots = asyncio.Semaphore(HOOKS_AT_ONCE)
+        self.failed = loop.create_future()
+        self.actions = Actions(self)
+        self.actions.listeners += self._pending_listeners[0]
+        self.actions.record_listeners += self._pending_listeners[1]
+        self.committer = Committer(self._write, self._serialize, self.actions.act)
         if isinstance(self._source_arg, EventSource):
             self.source = self._source_arg
             await self.source.start()
@@ -203,29 +194,47 @@ class Engine:
             self._exit_files.set_listener(self._receive)
         self._store = await self._run(Store, self.state_path)
         sessions, locks, fuses = await self._run(self._store.load, self.clock.wall() - self.retain_stopped_s)
-        await self._reconcile(sessions, locks, fuses)
+        step = reconcile.load(self, sessions, locks, fuses)
+        self._supervise(loop.create_task(self.committer.run(), name="monitor-commits"))
+        self._after_stops(step, self.clock.monotonic(), self.clock.wall())
+        restarted = self.submit(step)
+        if restarted is not None:
+            await restarted
+        self.recovered_launches = await reconcile.recover_launches(self, rebuilt=bool(getattr(self._store, "recovered", None)))
         buffered, self._buffer = self._buffer or [], None
         for event in buffered:
             self._on_event(event)
-        self._tasks.append(loop.create_task(self._commit_loop(), name="monitor-commits"))
         if self._timers:
-            self._tasks.append(loop.create_task(self._timer_loop(), name="monitor-timers"))
+            self._supervise(loop.create_task(self._timer_loop(), name="monitor-timers"))
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        """A core task that ends by an exception is the engine's end: `failed` says why."""
+        self._tasks.append(task)
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if task.cancelled() or self.failed is None or self.failed.done():
+                return
+            err = task.exception()
+            if err is None and task.get_name() == "monitor-commits" and self._closing:
+                return
+            err = err or RuntimeError(f"{task.get_name()} ended")
+            log.critical("%s died: %r; the engine cannot go on", task.get_name(), err, exc_info=err)
+            self.failed.set_result(err)
+
+        task.add_done_callback(ended)
 
     async def close(self) -> None:
         """Stop listening and writing. Fires nothing, releases nothing: a restart picks up."""
-        if self._commits is not None:  # what was decided is still written: the writer ends after it
-            self._commits.put_nowait(None)
+        self._closing = True
+        if self.committer is not None:  # what was decided is still written: the writer ends after it
+            self.committer.close()
         for task in self._tasks:
             if task.get_name() != "monitor-commits":
                 task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # a task that died has said why (`failed`)
         self._tasks.clear()
-        for task in list(self._actions):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self.actions is not None:
+            await self.actions.close()
         for source in (self.source, self._exit_files):
             if source is not None:
                 await source.close()
@@ -236,51 +245,6 @@ class Engine:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
-
-    # -- restart --------------------------------------------------------------------------
-
-    async def _reconcile(self, sessions: list[dict[str, Any]], locks: list[dict[str, Any]], fuses: list[dict[str, Any]]) -> None:
-        now, wall = self.clock.monotonic(), self.clock.wall()
-        step, batch = Step(), Batch()
-        for data in sessions:
-            session = Session.from_dict(data)
-            self.tracker.load(session)
-        for data in locks:
-            self.locks.load(Lock.from_dict(data))
-        for data in fuses:
-            self.fuses.load(DirFuse.from_dict(data), now, wall)
-        for session in self.tracker.running():
-            if session.key.boot_id != self.boot_id:
-                step.extend(self.tracker.stop_unverifiable(session, "reboot", None, wall))
-            elif not self._alive(session.key):
-                status = self._exit_file_status(session)
-                reason = "exited" if status is not None else "lost"
-                step.extend(self.tracker.stop_unverifiable(session, reason, status, wall))
-            else:
-                self._watch(Watch(session.key, True))
-                for child in session.children.values():
-                    if child.state == "running":
-                        self._watch(Watch(child.key, True))
-        for lock in list(self.locks.locks.values()):
-            if lock.owner is not None and (lock.owner.boot_id != self.boot_id or not self._alive(lock.owner)):
-                step.transitions += self.locks.release_owner(lock.owner, RELIST)
-            elif lock.kind == "auto" and lock.owner is None:  # a launch's reservation, left by a crash
-                step.transitions += self.locks.release(lock.directory)
-        self._after_stops(step, now, wall)
-        self._fill(batch, step)
-        if batch:
-            await self._run(self._store.commit, batch)  # type: ignore[union-attr]
-            self._act(step, batch.outbox)
-
-    def _exit_file_status(self, session: Session) -> Exited | None:
-        if session.exit_file and os.path.exists(session.exit_file):
-            try:
-                key, status = read_exit_file(Path(session.exit_file))
-            except ValueError:
-                return None
-            if key == session.key:
-                return Exited.from_wait_status(key, status, "exit_file")
-        return None
 
     # -- events ---------------------------------------------------------------------------
 
@@ -300,7 +264,7 @@ class Engine:
         elif isinstance(event, Forked):
             step = self.tracker.on_forked(event)
             if step.changed_sessions:
-                self._watch(Watch(event.child, True))
+                self.watch(Watch(event.child, True))
         elif isinstance(event, Overrun):
             self._next_relist = 0.0  # now
             if self._wake is not None:
@@ -309,7 +273,7 @@ class Engine:
         else:
             return
         self._after_stops(step, now, wall)
-        self._submit(step)
+        self.submit(step)
 
     def _after_stops(self, step: Step, now: float, wall: float) -> None:
         """A stopped session's locks go (if its events have not taken them already), and the
@@ -318,26 +282,50 @@ class Engine:
             if isinstance(transition, SessionStopped):
                 session = self.tracker.sessions[transition.session_id]
                 step.transitions += self.locks.release_owner(session.key, session.evidence or RELIST)
-                if not self.tracker.running_in(session.cwd) and self.fuses.last_session_stopped(session.cwd, now, wall):
-                    step.changed_sessions.add(session.id)
-                    self._dirty_fuses.add(session.cwd)
+                if not self.tracker.running_in(session.cwd):
+                    self.fuses.last_session_stopped(session.cwd, now, wall)
 
     # -- committing -------------------------------------------------------------------------
 
-    def _fill(self, batch: Batch, step: Step) -> None:
+    def submit(self, step: Step, *, undo: Callable[[], None] | None = None, always: bool = False) -> asyncio.Future[None] | None:
+        """Queue a step for one transaction: the rows its state machines changed and its
+        event records; its commands run once it is stored. `undo` (a client's request)
+        takes it back if the store refuses it. The future is done when it has been stored
+        and acted on (None when there was nothing to do)."""
+        rows = self._changed_rows(step)
         wall = self.clock.wall()
-        for sid in step.changed_sessions:
-            session = self.tracker.sessions[sid]
-            batch.sessions[sid] = (session.state, session.stopped_at, _json(session.to_dict()))
-        for transition in step.transitions:
-            if isinstance(transition, (LockAcquired, LockReleased)):
-                lock = self.locks.locks.get(transition.directory)
-                batch.locks[transition.directory] = _json(lock.to_dict()) if lock else None
-            batch.add_transition(self._payload(transition), transition.subject, wall)
-        for directory in self._dirty_fuses:
+        batch = Batch()
+        records = [batch.add_transition(self._payload(t), t.subject, wall) for t in step.transitions]
+        if not rows and not records and not step.commands and not always:
+            return None
+        assert self.committer is not None and self._loop is not None
+        self.committer.pending.merge(rows)
+        done: asyncio.Future[None] = self._loop.create_future()  # callable outside the loop too (tests)
+        self.committer.submit(Work(step, records, done, undo))
+        return done
+
+    def _changed_rows(self, step: Step) -> Rows:
+        """Every row a state machine changed since the last step (they report each one)."""
+        return Rows(set(step.changed_sessions), self.locks.take_changed(), self.fuses.take_changed())
+
+    def _serialize(self, rows: Rows) -> Batch:
+        """The named rows, as they are in memory now (a row gone from memory is deleted)."""
+        batch = Batch()
+        for sid in rows.sessions:
+            session = self.tracker.sessions.get(sid)
+            if session is not None:
+                batch.sessions[sid] = (session.state, session.stopped_at, _json(session.to_dict()))
+        for directory in rows.locks:
+            lock = self.locks.locks.get(directory)
+            batch.locks[directory] = _json(lock.to_dict()) if lock else None
+        for directory in rows.fuses:
             fuse = self.fuses.fuses.get(directory)
             batch.fuses[directory] = _json(fuse.to_dict()) if fuse else None
-        self._dirty_fuses = set()
+        return batch
+
+    async def _write(self, batch: Batch) -> None:
+        assert self._store is not None
+        await self._run(self._store.commit, batch)
 
     def _payload(self, transition: Transition) -> dict[str, Any]:
         """A transition as its event record says it: with its session's directory, PID and
@@ -351,168 +339,21 @@ class Engine:
                 data.update(argv=session.argv, started_at=session.started_at, stopped_at=session.stopped_at)
         return data
 
-    def _submit(self, step: Step, *, always: bool = False) -> asyncio.Future[None] | None:
-        """Queue a step's rows for one transaction; its commands run once it is committed.
-        The future is done when they have (None when there was nothing to do)."""
-        batch = Batch()
-        self._fill(batch, step)
-        if not batch and not step.commands and not always:
-            return None
-        assert self._commits is not None and self._loop is not None
-        done: asyncio.Future[None] = self._loop.create_future()  # callable outside the loop too (tests)
-        self._commits.put_nowait((batch, step, done))
-        return done
+    async def _request(self, step: Step, undo: Callable[[], None]) -> None:
+        """A client's change: stored, or undone and refused (StorageError)."""
+        done = self.submit(step, undo=self._undoing(undo))
+        if done is not None:
+            await done
 
-    async def _commit_loop(self) -> None:
-        """One writer. What queued up while it committed goes in the next transaction
-        together (group commit): a burst of exits costs a few fsyncs, not one each."""
-        assert self._commits is not None and self._store is not None
-        while True:
-            items = [await self._commits.get()]
-            while not self._commits.empty() and len(items) < 1000 and items[-1] is not None:
-                items.append(self._commits.get_nowait())
-            closing = items[-1] is None
-            work = [item for item in items if item is not None]
-            merged = Batch()
-            for batch, _step, _done in work:
-                merged.merge(batch)
-            try:
-                if merged:
-                    await self._run(self._store.commit, merged)
-            except Exception as err:
-                log.error("could not commit state: %s", err)
-                for _batch, _step, done in work:
-                    if done is not None and not done.done():
-                        done.set_exception(err)
-            else:
-                for batch, step, done in work:
-                    if done is not None and not done.done():
-                        done.set_result(None)
-                    self._act(step, batch.outbox)
-            if closing:
-                return  # everything queued before the close was written
+    def _undoing(self, undo: Callable[[], None]) -> Callable[[], None]:
+        def take_back() -> None:
+            undo()
+            assert self.committer is not None
+            self.committer.pending.merge(self._changed_rows(Step()))  # its rows are the store's again
 
-    def _act(self, step: Step, records: list[Record]) -> None:
-        """After the commit: signals, hooks, fuse actions, then the listeners."""
-        for command in step.commands:
-            if isinstance(command, Signal):
-                self._signal(command)
-        for transition in step.transitions:
-            if isinstance(transition, SessionStarted):
-                self._run_hooks(self.tracker.sessions.get(transition.session_id), "on_start")
-            if isinstance(transition, SessionStopped):
-                self._session_ended(self.tracker.sessions.get(transition.session_id))
-            if isinstance(transition, FuseFired) and transition.action:
-                fuse = self.fuses.fuses.get(transition.directory)
-                # As whoever set it: a fuse set by a user never runs as the daemon's root.
-                self._background(run_shell(transition.action, what=f"fuse action for {transition.directory}",
-                                           cwd=transition.directory, uid=fuse.owner_uid if fuse else None,
-                                           timeout_s=FUSE_ACTION_TIMEOUT_S))
-            for listener in self._listeners:
-                try:
-                    listener(transition)
-                except Exception:
-                    log.exception("a transition listener failed")
-        for record in records:
-            if record.seq is None:
-                continue  # refused by the store (a second stop): nothing happened
-            for record_listener in self._record_listeners:
-                try:
-                    record_listener(record)
-                except Exception:
-                    log.exception("an event listener failed")
-        if step.cause_ns is not None and self.observer is not None and any(isinstance(t, SessionStopped) for t in step.transitions):
-            self.observer.exit_to_stop((time.monotonic_ns() - step.cause_ns) / 1e9)
+        return take_back
 
-    def _signal(self, command: Signal) -> None:
-        """Signal the session's process group (it leads one when launched) or the process;
-        through a pidfd, so a reused PID can never be hit."""
-        key = command.key
-        session = self.tracker.session_of(key)
-        if session is not None and session.cgroup is not None and session.key == key and self._alive(key):
-            if cgroups.signal_all(Path(session.cgroup), command.signum):
-                return  # every descendant, wherever it moved its process group
-        if session is not None and session.pgid is not None and session.key == key and self._alive(key):
-            try:
-                if os.getpgid(key.pid) == session.pgid:  # still in the group its launch made
-                    os.killpg(session.pgid, command.signum)
-                    return
-            except OSError:
-                pass
-        if sys.platform != "linux":  # no pidfds: check the identity, then signal the PID
-            if self._alive(key):
-                with contextlib.suppress(OSError):
-                    os.kill(key.pid, command.signum)
-            return
-        try:
-            fd = os.pidfd_open(key.pid)
-        except OSError:
-            return  # gone already: its Exited is on its way
-        try:
-            if ProcessKey.of(key.pid) != key:
-                return
-            try:
-                if os.getpgid(key.pid) == key.pid:
-                    os.killpg(key.pid, command.signum)
-                    return
-            except OSError:
-                pass
-            signals.pidfd_send_signal(fd, command.signum)
-        except (OSError, MonitorError):
-            pass
-        finally:
-            os.close(fd)
-
-    def _session_ended(self, session: Session | None) -> None:
-        """After a stop is committed: its cgroup goes, and its on-complete hooks run."""
-        if session is None:
-            return
-        if session.cgroup is not None:
-            self._remove_cgroup(Path(session.cgroup), tries=50)
-        self._run_hooks(session, "on_complete")
-
-    def _run_hooks(self, session: Session | None, when: str) -> None:
-        """The config's hook for `when`, then the session's own, after any still running for it."""
-        if session is None:
-            return
-        commands = [(f"config.{when}", self.hooks.get(when)), (when, getattr(session, when))]
-        for hook, command in commands:
-            if command:
-                previous = self._hook_chains.get(session.id)
-                task = self._background(self._hook(session, hook, command, previous))
-                self._hook_chains[session.id] = task
-                task.add_done_callback(functools.partial(self._hook_done, session.id))
-
-    def _hook_done(self, session_id: str, task: asyncio.Task[Any]) -> None:
-        if self._hook_chains.get(session_id) is task:
-            del self._hook_chains[session_id]
-
-    async def _hook(self, session: Session, hook: str, command: str, after: asyncio.Task[Any] | None) -> None:
-        if after is not None:
-            await asyncio.wait([after])
-        assert self._hook_slots is not None
-        async with self._hook_slots:
-            outcome = await run_hook(session, hook, command, self.hook_timeout_s)
-        if self.observer is not None:
-            self.observer.hook_run(hook, outcome.kind)
-        if not outcome.ok:
-            self._submit(Step([HookFailed(session.id, hook, outcome.exit_code, outcome.signal, outcome.error)]))
-
-    def _background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Hooks and fuse actions: owned by the engine (cancelled at close), blocking nothing."""
-        assert self._loop is not None
-        task = self._loop.create_task(work)  # also from outside the loop's callbacks (tests step it by hand)
-        self._actions.add(task)
-        task.add_done_callback(self._actions.discard)
-        return task
-
-    def _remove_cgroup(self, path: Path, tries: int) -> None:
-        """An emptied cgroup can go; its last processes may take a moment to be reaped."""
-        cgroups.remove(path)
-        if path.exists() and tries > 0 and self._loop is not None:
-            self._loop.call_later(0.1, self._remove_cgroup, path, tries - 1)
-
-    def _watch(self, command: Watch) -> None:
+    def watch(self, command: Watch) -> None:
         assert self.source is not None
         try:
             self.source.watch(command.key, descendants=command.descendants)
@@ -520,7 +361,13 @@ class Engine:
                 self._exit_files.watch(command.key)
         except (MonitorError, OSError) as err:
             log.warning("cannot follow %s: %s", command.key, err)
-            self._submit(self.tracker.on_unobservable(command.key, self.clock.monotonic()))
+            self.submit(self.tracker.on_unobservable(command.key, self.clock.monotonic()))
+
+    def _unwatch(self, key: ProcessKey) -> None:
+        for source in (self.source, self._exit_files):
+            if source is not None:
+                with contextlib.suppress(MonitorError, OSError, KeyError):
+                    source.unwatch(key)
 
     # -- time -------------------------------------------------------------------------------
 
@@ -530,13 +377,12 @@ class Engine:
         self.tracker.forget_stopped(before=wall - self.retain_stopped_s)
         if now >= self._next_prune and self._store is not None:
             self._next_prune = now + PRUNE_INTERVAL_S
-            self._background(self._prune(wall - self.retain_events_s))
-        step = self.tracker.tick(now, wall, self._alive)
-        for fired in self.fuses.tick(now):
-            step.transitions.append(fired)
-            self._dirty_fuses.add(fired.directory)
+            assert self.actions is not None
+            self.actions.background(self._prune(wall - self.retain_events_s))
+        step = self.tracker.tick(now, wall, self.alive)
+        step.transitions += self.fuses.tick(now)
         self._after_stops(step, now, wall)
-        self._submit(step)
+        self.submit(step)
 
     async def _prune(self, before: float) -> None:
         assert self._store is not None
@@ -557,7 +403,10 @@ class Engine:
             if now >= self._next_relist:
                 self.relist()
                 self._next_relist = now + self.relist_interval_s
-            self.tick()
+            try:
+                self.tick()
+            except Exception:
+                log.exception("a timer step failed; going on")
             due = [d for d in (self.tracker.next_deadline(), self.fuses.next_deadline(), self._next_relist) if d is not None]
             delay = max(0.0, min(due) - self.clock.monotonic()) if due else self.relist_interval_s
             self._wake.clear()
@@ -568,12 +417,18 @@ class Engine:
 
     def add_listener(self, listener: Callable[[Transition], None]) -> None:
         """Called with every transition once it is committed, in order."""
-        self._listeners.append(listener)
+        (self.actions.listeners if self.actions is not None else self._pending_listeners[0]).append(listener)
 
     def add_record_listener(self, listener: Callable[[Record], None]) -> None:
         """Called with every committed event record (its `seq` set), in order of `seq`;
         after the transition listeners. It must be quick: it runs on the engine's path."""
-        self._record_listeners.append(listener)
+        (self.actions.record_listeners if self.actions is not None else self._pending_listeners[1]).append(listener)
+
+    @property
+    def store_failure(self) -> str | None:
+        """What the store last refused, while it goes on refusing (None: it works)."""
+        failure = self.committer.failure if self.committer is not None else None
+        return str(failure) if failure is not None else None
 
     async def last_event_id(self) -> int:
         assert self._store is not None
@@ -614,8 +469,9 @@ class Engine:
 
         A process that has already exited is refused, unless `exit_file` is given (a launch):
         then the session is recorded and stopped at once, with the exit file's status.
+        Stored before it returns; when the store refuses it, nothing of it stays.
         """
-        ended = not self._alive(key)
+        ended = not self.alive(key)
         if ended and exit_file is None:
             raise AlreadyDead(key)
         followed = self.tracker.session_of(key)
@@ -632,31 +488,42 @@ class Engine:
             owner_uid=owner_uid,
         )
         step = Step()
+        locks_before = self.locks.snapshot(directory)
+        fuse_before = self.fuses.snapshot(directory)
         if lock and not force:
             step.transitions += self.locks.acquire(
-                Lock(directory, "auto", key, session.id, locked_at=wall, owner_uid=owner_uid), self._alive)
+                Lock(directory, "auto", key, session.id, locked_at=wall, owner_uid=owner_uid), self.alive)
         step.extend(self.tracker.add(session))
-        if self.fuses.session_started(directory):
-            self._dirty_fuses.add(directory)
+        self.fuses.session_started(directory)
         if ended:  # a launch that was over before we could follow it
-            status = self._exit_file_status(session)
-            step.extend(self.tracker.stop_unverifiable(session, "exited" if status else "lost", status, wall))
+            step.extend(reconcile.stop_dead(self, session, wall))
             step.commands = []
             self._after_stops(step, now, wall)
-        done = self._submit(step)
-        for command in step.commands:
-            if isinstance(command, Watch):
-                self._watch(command)  # after add: an exit found at watch time finds its session
+
+        def undo() -> None:
+            self.tracker.remove(session.id)
+            self.locks.restore(locks_before)
+            self.fuses.restore(directory, fuse_before)
+            self._unwatch(key)
+
+        watches = [c for c in step.commands if isinstance(c, Watch)]
         step.commands = [c for c in step.commands if not isinstance(c, Watch)]
+        done = self.submit(step, undo=self._undoing(undo))
+        for command in watches:
+            self.watch(command)  # after add: an exit found at watch time finds its session
         if done is not None:
             await done
         return session
 
     async def stop(self, prefix: str, signum: int = signals.SIGTERM, grace_s: float = 5.0) -> Session:
         session = self.tracker.get(prefix)
-        done = self._submit(self.tracker.request_stop(session.id, signum, grace_s, self.clock.monotonic()))
-        if done is not None:
-            await done
+        before = (session.stop_requested, session.kill_at)
+
+        def undo() -> None:
+            if session.state == "running":
+                session.stop_requested, session.kill_at = before
+
+        await self._request(self.tracker.request_stop(session.id, signum, grace_s, self.clock.monotonic()), undo)
         return session
 
     def session(self, prefix: str) -> Session:
@@ -668,62 +535,68 @@ class Engine:
     def blocking_children(self, prefix: str) -> list[Any]:
         return self.tracker.blocking_children(self.tracker.get(prefix).id)
 
+    async def _take_lock(self, lock: Lock) -> Lock:
+        before = self.locks.snapshot(lock.directory)
+        await self._request(Step(self.locks.acquire(lock, self.alive)), lambda: self.locks.restore(before))
+        return lock
+
     async def lock(self, directory: str, *, by: str | None = None, reason: str | None = None, owner_uid: int | None = None) -> Lock:
         path = os.path.realpath(directory)
-        lock = Lock(path, "manual", by=by, reason=reason, locked_at=self.clock.wall(), owner_uid=owner_uid)
-        done = self._submit(Step(self.locks.acquire(lock, self._alive)))
-        if done is not None:
-            await done
-        return lock
+        return await self._take_lock(Lock(path, "manual", by=by, reason=reason, locked_at=self.clock.wall(), owner_uid=owner_uid))
 
     async def reserve_lock(self, directory: str, session_id: str, owner_uid: int | None = None) -> Lock:
         """Take a directory's lock for a session about to be launched: atomically, before the
         spawn, so two launches cannot both start there. `register` then hands it to the process."""
         path = os.path.realpath(directory)
-        lock = Lock(path, "auto", None, session_id, locked_at=self.clock.wall(), owner_uid=owner_uid)
-        done = self._submit(Step(self.locks.acquire(lock, self._alive)))
-        if done is not None:
-            await done
-        return lock
+        return await self._take_lock(Lock(path, "auto", None, session_id, locked_at=self.clock.wall(), owner_uid=owner_uid))
+
+    def cancel_reservation(self, directory: str, session_id: str) -> asyncio.Future[None] | None:
+        """A launch that failed before its command ran gives its reservation back. Not a
+        request that can be refused: nothing runs there, so it is retried until stored."""
+        path = os.path.realpath(directory)
+        held = self.locks.locks.get(path)
+        if held is None or held.owner is not None or held.session_id != session_id:
+            return None
+        return self.submit(Step(self.locks.release(path)))
 
     async def unlock(self, directory: str) -> None:
-        done = self._submit(Step(self.locks.release(os.path.realpath(directory))))
-        if done is not None:
-            await done
+        path = os.path.realpath(directory)
+        before = self.locks.snapshot(path)
+        await self._request(Step(self.locks.release(path)), lambda: self.locks.restore(before))
 
     async def who_uses(self, directory: str) -> list[dict[str, Any]]:
         return await asyncio.to_thread(who_uses, directory)
 
     async def fuse_set(self, directory: str, ttl_s: float, action: str | None = None, owner_uid: int | None = None) -> DirFuse:
         path = os.path.realpath(directory)
+        before = self.fuses.snapshot(path)
         fuse = self.fuses.set(path, ttl_s, action, busy=bool(self.tracker.running_in(path)),
                               now=self.clock.monotonic(), wall=self.clock.wall(), owner_uid=owner_uid)
-        await self._save_fuse(path)
+        await self._save_fuse(path, before)
         return fuse
 
     async def fuse_extend(self, directory: str, by_s: float) -> DirFuse:
         path = os.path.realpath(directory)
+        before = self.fuses.snapshot(path)
         fuse = self.fuses.extend(path, by_s, self.clock.monotonic())
-        await self._save_fuse(path)
+        await self._save_fuse(path, before)
         return fuse
 
     async def fuse_cancel(self, directory: str) -> DirFuse:
         path = os.path.realpath(directory)
+        before = self.fuses.snapshot(path)
         fuse = self.fuses.cancel(path)
-        await self._save_fuse(path)
+        await self._save_fuse(path, before)
         return fuse
 
-    async def _save_fuse(self, path: str) -> None:
-        self._dirty_fuses.add(path)
-        done = self._submit(Step())
-        if done is not None:
-            await done
+    async def _save_fuse(self, path: str, before: DirFuse | None) -> None:
+        await self._request(Step(), lambda: self.fuses.restore(path, before))
         if self._wake is not None:
             self._wake.set()
 
     async def flush(self) -> None:
         """Wait until everything decided so far is committed and acted on."""
-        done = self._submit(Step(), always=True)
+        done = self.submit(Step(), always=True)
         assert done is not None
         await done
 

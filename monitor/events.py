@@ -190,7 +190,8 @@ class SessionStarted(Transition):
 class SessionStopped(Transition):
     """The session's one stop. reason: exited (it ended by itself), killed (after a stop
     request), timeout (after its master timeout fired), lost (dead, nothing tells how),
-    reboot (its boot is over)."""
+    reboot (its boot is over), not_started (a launch registered, but the daemon died
+    before its go: the command never ran)."""
 
     type: ClassVar[str] = "session.stopped"
     session_id: str

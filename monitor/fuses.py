@@ -5,11 +5,13 @@ DIR the fuse waits; when the last one stops it is armed; a new session there
 disarms it; when the TTL runs out it fires once and is done. Deadlines are kept
 in monotonic seconds with the boot they belong to, and in wall time, so a timer
 survives a daemon restart (monotonic) and even a reboot (wall).
+
+Every directory whose fuse changes is added to `changed`, for the engine to persist.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from monitor.errors import MonitorError
@@ -45,6 +47,24 @@ class FuseTable:
     def __init__(self, boot_id: str) -> None:
         self.boot_id = boot_id
         self.fuses: dict[str, DirFuse] = {}
+        self.changed: set[str] = set()  # directories whose row differs from the store's
+
+    def take_changed(self) -> set[str]:
+        changed, self.changed = self.changed, set()
+        return changed
+
+    def snapshot(self, directory: str) -> DirFuse | None:
+        """A copy of the fuse on `directory` as it is now (for `restore`)."""
+        fuse = self.fuses.get(directory)
+        return replace(fuse) if fuse is not None else None
+
+    def restore(self, directory: str, fuse: DirFuse | None) -> None:
+        """Put the fuse on `directory` back as it was (undoing a change that was not stored)."""
+        if fuse is None:
+            self.fuses.pop(directory, None)
+        else:
+            self.fuses[directory] = fuse
+        self.changed.add(directory)
 
     def load(self, fuse: DirFuse, now: float, wall: float) -> None:
         """From the store; an armed timer of another boot continues from its wall deadline."""
@@ -65,6 +85,7 @@ class FuseTable:
             raise ValueError(f"a fuse needs a positive TTL, got {ttl_s}")
         fuse = DirFuse(directory, ttl_s, action, owner_uid=owner_uid)
         self.fuses[directory] = fuse
+        self.changed.add(directory)
         if not busy:
             self._arm(fuse, now, wall)
         return fuse
@@ -74,6 +95,7 @@ class FuseTable:
         if fuse.state == "fired":
             raise NoFuse(directory)
         fuse.ttl_s += by_s
+        self.changed.add(directory)
         if fuse.deadline is not None and fuse.deadline_wall is not None:
             fuse.deadline = max(fuse.deadline, now) + by_s
             fuse.deadline_wall += by_s
@@ -82,6 +104,7 @@ class FuseTable:
     def cancel(self, directory: str) -> DirFuse:
         fuse = self.get(directory)
         del self.fuses[directory]
+        self.changed.add(directory)
         return fuse
 
     def session_started(self, directory: str) -> bool:
@@ -90,6 +113,7 @@ class FuseTable:
         if fuse is None or fuse.state != "armed":
             return False
         fuse.state, fuse.deadline, fuse.deadline_wall, fuse.armed_at = "waiting", None, None, None
+        self.changed.add(directory)
         return True
 
     def last_session_stopped(self, directory: str, now: float, wall: float) -> bool:
@@ -104,6 +128,7 @@ class FuseTable:
         for fuse in self.fuses.values():
             if fuse.state == "armed" and fuse.deadline is not None and now >= fuse.deadline:
                 fuse.state = "fired"
+                self.changed.add(fuse.directory)
                 fired.append(FuseFired(fuse.directory, fuse.action, fuse.armed_at or 0.0))
         return fired
 
@@ -111,5 +136,6 @@ class FuseTable:
         return min((f.deadline for f in self.fuses.values() if f.state == "armed" and f.deadline is not None), default=None)
 
     def _arm(self, fuse: DirFuse, now: float, wall: float) -> None:
+        self.changed.add(fuse.directory)
         fuse.state = "armed"
         fuse.deadline, fuse.deadline_wall, fuse.boot_id, fuse.armed_at = now + fuse.ttl_s, wall + fuse.ttl_s, self.boot_id, wall

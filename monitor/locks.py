@@ -5,6 +5,10 @@ covers its subtree: a directory inside a locked one, or above one, is refused.
 Acquiring checks and takes in one step; a live owner is refused with an error
 that names it; a dead owner's lock is taken over, and the takeover is reported.
 An auto lock is released by its owner's `Exited` itself, never by a sweep.
+
+Every directory whose lock changes, whatever the reason (a handover of a launch's
+reservation announces nothing, yet changes the row), is added to `changed`: the
+engine persists exactly those rows, so persistence cannot miss a mutation.
 """
 
 from __future__ import annotations
@@ -83,9 +87,27 @@ class LockTable:
         self.locks: dict[str, Lock] = {}
         self._sorted: list[str] = []
         self._by_owner: dict[ProcessKey, set[str]] = {}
+        self.changed: set[str] = set()  # directories whose row differs from the store's
 
     def load(self, lock: Lock) -> None:
         self._put(lock)
+        self.changed.discard(lock.directory)  # it is the store's row
+
+    def take_changed(self) -> set[str]:
+        changed, self.changed = self.changed, set()
+        return changed
+
+    def snapshot(self, directory: str) -> dict[str, Lock | None]:
+        """The locks an acquire of `directory` may touch, as they are now (for `restore`)."""
+        return {directory: self.locks.get(directory), **{lock.directory: lock for lock in self.conflicts(directory)}}
+
+    def restore(self, snapshot: dict[str, Lock | None]) -> None:
+        """Put these directories back as they were (undoing a change that was not stored)."""
+        for directory, lock in snapshot.items():
+            if self.locks.get(directory) is not lock:
+                self._drop(directory)
+                if lock is not None:
+                    self._put(lock)
 
     def conflicts(self, directory: str) -> list[Lock]:
         found = []
@@ -148,6 +170,7 @@ class LockTable:
                 for lock in released if lock]
 
     def _put(self, lock: Lock) -> None:
+        self.changed.add(lock.directory)
         if lock.directory not in self.locks:
             bisect.insort(self._sorted, lock.directory)
         self.locks[lock.directory] = lock
@@ -158,6 +181,7 @@ class LockTable:
         lock = self.locks.pop(directory, None)
         if lock is None:
             return None
+        self.changed.add(directory)
         del self._sorted[bisect.bisect_left(self._sorted, directory)]
         if lock.owner is not None:
             owned = self._by_owner[lock.owner]

@@ -303,6 +303,7 @@ def engine_samples(engine: Any) -> list[Sample]:
     samples = count_by("monitor_sessions", "state", (s.state for s in engine.sessions(include_stopped=True)), SESSION_STATES)
     samples += count_by("monitor_locks", "kind", (lock.kind for lock in engine.locks.locks.values()), LOCK_KINDS)
     samples += count_by("monitor_fuses", "state", (fuse.state for fuse in engine.fuses.fuses.values()), FUSE_STATES)
+    samples.append(("monitor_store_failing", "gauge", {}, float(getattr(engine, "store_failure", None) is not None)))
     if engine.source is not None:
         samples += source_samples(engine.source.stats())
     return samples

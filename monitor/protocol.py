@@ -27,6 +27,7 @@ FORBIDDEN = "forbidden"
 LOCK_HELD = "lock_held"
 CONFLICT = "conflict"
 UNAVAILABLE = "unavailable"
+STORAGE = "storage"  # the state store refused the change (disk full, I/O error): nothing of it was kept
 INTERNAL = "internal"
 
 

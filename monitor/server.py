@@ -27,7 +27,7 @@ from typing import Any
 
 from monitor import __version__
 from monitor.engine import AlreadyDead, Engine
-from monitor.errors import AccessDenied, MonitorError, NoSuchProcess
+from monitor.errors import AccessDenied, MonitorError, NoSuchProcess, StorageError
 from monitor.events import TRANSITION_TYPES
 from monitor.fuses import NoFuse
 from monitor.launcher import Launcher, LaunchFailed
@@ -42,6 +42,7 @@ from monitor.protocol import (
     MAX_FRAME_BYTES,
     NOT_FOUND,
     PROTOCOL_VERSION,
+    STORAGE,
     ProtocolError,
     Request,
     decode_request,
@@ -142,6 +143,8 @@ class Api:
             raise ProtocolError(CONFLICT, str(err)) from None
         except AccessDenied as err:
             raise ProtocolError(FORBIDDEN, str(err)) from None
+        except StorageError as err:
+            raise ProtocolError(STORAGE, str(err)) from None
         except ValueError as err:
             raise ProtocolError(BAD_REQUEST, str(err)) from None
 
@@ -165,7 +168,8 @@ class Api:
         return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started_at, 3),
                 "source": source.name if source else None, "source_stats": source.stats() if source else {},
                 "sessions_running": len(self.engine.sessions()), "locks": len(self.engine.locks.locks),
-                "fuses": len(self.engine.fuses.fuses), "state_db": str(self.engine.state_path)}
+                "fuses": len(self.engine.fuses.fuses), "state_db": str(self.engine.state_path),
+                "store": self.engine.store_failure or "ok"}
 
     async def attach(self, peer: Peer, params: dict[str, Any]) -> Any:
         pid = param(params, "pid", int, required=True)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor.errors import StorageError
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS = [
@@ -176,10 +178,12 @@ class Store:
                 else:
                     record.seq = cursor.lastrowid
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as err:
+            rollback(db)
             for record in batch.outbox:
                 record.seq = None
+            if isinstance(err, sqlite3.Error):
+                raise StorageError.of(err) from err
             raise
 
     def outbox(self, since: int = 0, limit: int = 1000) -> list[Record]:
@@ -197,13 +201,26 @@ class Store:
             db.execute("DELETE FROM webhook_deliveries WHERE seq IN (SELECT seq FROM outbox WHERE created_at < ?)", (before,))
             gone = db.execute("DELETE FROM outbox WHERE created_at < ?", (before,)).rowcount
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as err:
+            rollback(db)
+            if isinstance(err, sqlite3.Error):
+                raise StorageError.of(err) from err
             raise
         return int(gone)
 
     def integrity_check(self) -> str:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def rollback(db: sqlite3.Connection) -> None:
+    """Undo an open transaction, if SQLite has not already: on SQLITE_FULL and some I/O
+    errors it rolls back by itself, and a second ROLLBACK would raise "no transaction is
+    active" over the error that matters (https://www.sqlite.org/lang_transaction.html)."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error as err:
+            log.warning("rollback failed after an error: %s", err)
 
 
 def connect(path: Path, synchronous: str) -> sqlite3.Connection:

@@ -210,6 +210,21 @@ class Tracker:
                 if child.state == "running":
                     self._by_key[child.key] = session.id
 
+    def remove(self, session_id: str) -> None:
+        """Forget a session that was added but never stored (its commit failed): as if never added."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        self._running.pop(session_id, None)
+        in_dir = self._running_by_dir.get(session.cwd)
+        if in_dir is not None:
+            in_dir.discard(session_id)
+            if not in_dir:
+                del self._running_by_dir[session.cwd]
+        for key in [session.key, *session.children]:
+            if self._by_key.get(key) == session_id:
+                del self._by_key[key]
+
     def add(self, session: Session) -> Step:
         if session.id in self.sessions:
             raise ValueError(f"session {session.id} exists")

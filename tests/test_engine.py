@@ -338,3 +338,118 @@ def test_stopped_sessions_are_forgotten_after_their_retention_but_kept_in_the_st
         assert [row.subject for row in rows if row.type == "session.stopped"] == ids
 
     run(tmp_path, second, clock=clock)
+
+
+def test_a_launchs_reservation_is_taken_over_by_its_own_session_only(tmp_path: Path) -> None:
+    async def scenario(r: Rig) -> None:
+        work = r.dir("work")
+        await r.engine.reserve_lock(work, "s-launch")
+        with pytest.raises(LockHeld):  # another session, even of the same directory, waits its turn
+            await r.engine.register(fake_key(), cwd=work, argv=[], session_id="s-other")
+        key = fake_key()
+        await r.engine.register(key, cwd=work, argv=[], session_id="s-launch")
+        lock = r.engine.locks.locks[work]
+        assert (lock.owner, lock.session_id) == (key, "s-launch")
+        assert len(r.of(LockAcquired)) == 1  # acquired once, when reserved
+
+    run(tmp_path, scenario)
+
+
+def test_an_exception_while_acting_cannot_freeze_the_engine(tmp_path: Path) -> None:
+    """A signal the kernel refuses and a listener that raises are log lines: later changes
+    are still stored and acted on."""
+    async def scenario(r: Rig) -> None:
+        def broken(transition: Transition) -> None:
+            raise RuntimeError("a broken listener")
+
+        seen: list[Transition] = []
+        r.engine.add_listener(broken)
+        r.engine.add_listener(seen.append)  # after the broken one: each effect is guarded on its own
+        key, sid = await r.session()
+        await r.engine.stop(sid, signum=99, grace_s=1.0)  # refused by the kernel when acted on
+        await r.engine.flush()
+        lock = await asyncio.wait_for(r.engine.lock(r.dir("other"), by="ci"), 5)
+        assert r.engine.locks.locks[lock.directory] is lock
+        r.source.exit(key, exit_code=0)
+        await asyncio.wait_for(r.engine.flush(), 5)
+        assert r.engine.session(sid).state == "stopped"
+        assert sorted(type(t).__name__ for t in seen) == ["LockAcquired", "LockAcquired", "LockReleased", "SessionStarted", "SessionStopped"]
+
+    run(tmp_path, scenario)
+
+
+def test_the_commit_loop_outlives_acting_that_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from monitor.actions import Actions
+
+    def raises(self: Actions, work: object) -> None:
+        raise RuntimeError("acting broke")
+
+    monkeypatch.setattr(Actions, "act", raises)
+
+    async def scenario(r: Rig) -> None:
+        await r.session("one")
+        await asyncio.wait_for(r.session("two"), 5)
+        assert len(r.engine.sessions()) == 2
+        assert r.engine.failed is not None and not r.engine.failed.done()
+
+    run(tmp_path, scenario)
+
+
+def test_a_core_task_that_dies_is_reported_not_hung(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from monitor.committer import Committer
+
+    async def dies(self: Committer) -> None:
+        raise RuntimeError("the commit loop broke")
+
+    monkeypatch.setattr(Committer, "run", dies)
+
+    async def scenario() -> None:
+        engine = Engine(tmp_path / "state.db", source=FakeSource(), timers=False)
+        await engine.start()
+        try:
+            assert engine.failed is not None
+            died = await asyncio.wait_for(engine.failed, 5)  # what the daemon waits on, to exit non-zero
+            assert "the commit loop broke" in str(died)
+        finally:
+            await engine.close()
+
+    arun(scenario())
+
+
+def test_a_refused_commit_undoes_the_request_and_keeps_the_kernels_news(tmp_path: Path) -> None:
+    """memory == what a restart would load + what is queued: a client's change the store
+    refuses is undone and refused; an exit is kept, served, and stored once the store works."""
+    from monitor.errors import StorageError
+
+    async def scenario(r: Rig) -> None:
+        key, sid = await r.session("busy")
+        fuse_dir = r.dir("fused")
+        store = r.engine._store
+        assert store is not None
+        real_commit = store.commit
+
+        def full(batch: object) -> None:
+            raise StorageError("disk full", "database or disk is full")
+
+        store.commit = full  # type: ignore[method-assign]
+        with pytest.raises(StorageError):
+            await r.engine.lock(r.dir("a"), by="ci")
+        with pytest.raises(StorageError):
+            await r.engine.fuse_set(fuse_dir, 60.0)
+        with pytest.raises(StorageError):
+            await r.engine.register(fake_key(), cwd=r.dir("b"), argv=[])
+        assert list(r.engine.locks.locks) == [r.dir("busy")] and r.engine.fuses.fuses == {}
+        assert [s.id for s in r.engine.sessions()] == [sid]
+        r.source.exit(key, exit_code=3)
+        await asyncio.sleep(0)
+        assert r.engine.session(sid).state == "stopped" and r.engine.locks.locks == {}
+        assert r.engine.store_failure is not None and "disk full" in r.engine.store_failure
+        store.commit = real_commit  # type: ignore[method-assign]
+        await asyncio.wait_for(r.engine.flush(), 10)
+        assert r.engine.store_failure is None
+        sessions, locks, fuses = store.load()
+        assert [(s["id"], s["state"], s["exit_code"]) for s in sessions] == [(sid, "stopped", 3)]
+        assert locks == [] and fuses == []
+        assert len(r.of(SessionStopped)) == 1
+
+    run(tmp_path, scenario)

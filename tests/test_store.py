@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from monitor.errors import StorageError
 from monitor.store import MIGRATIONS, Batch, Record, Store
 
 
@@ -81,8 +82,9 @@ def test_a_batch_commits_whole_or_not_at_all(tmp_path: Path) -> None:
         broken.fuses["/z"] = "{}"
         broken.outbox.append(Record("id2", "x", "y", {}, 1.0))
         store._db.execute("DROP TABLE fuses")  # the transaction fails halfway
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(StorageError) as refused:
             store.commit(broken)
+        assert isinstance(refused.value.__cause__, sqlite3.OperationalError)  # the real error, not a failed ROLLBACK
         assert [r[0] for r in store._db.execute("SELECT id FROM sessions")] == ["s1"]
         assert len(store.outbox()) == 1
         assert [r.seq for r in broken.outbox] == [None]  # a rolled-back record has no place in the log
