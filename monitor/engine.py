@@ -203,6 +203,7 @@ class Engine:
         self.recovered_launches = await reconcile.recover_launches(self, rebuilt=self._store.recovered is not None)
         if self._store.recovered is not None:
             await self._recovered(self._store.recovered)
+        self.actions.cgroups.sweep({s.cgroup for s in self.tracker.running() if s.cgroup})  # leftovers of stopped sessions
         buffered, self._buffer = self._buffer or [], None
         for event in buffered:
             self._on_event(event)
