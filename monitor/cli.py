@@ -379,6 +379,8 @@ def _client_command(args: argparse.Namespace) -> int:
         print(f"monitor daemon {value['version']} (PID {value['pid']}), up {value['uptime_s']:.0f}s, source {value['source']}")
         print(f"sessions running {value['sessions_running']}, locks {value['locks']}, fuses {value['fuses']}; "
               f"state {value['state_db']}")
+        if value.get("store", "ok") != "ok":
+            print(f"store FAILING: {value['store']} (changes are refused; exits are kept and stored when it works again)")
     else:
         print(json.dumps(value) if not isinstance(value, dict) else
               " ".join(f"{k}={v}" for k, v in value.items() if v is not None))

@@ -264,8 +264,12 @@ class Engine:
     def _receive(self, event: Event) -> None:
         if self._buffer is not None:
             self._buffer.append(event)  # still loading: applied once the state is verified
-        else:
+            return
+        try:
             self._on_event(event)
+        except Exception:  # a bug here must not stop the source's reading: the relist finds what it missed
+            log.exception("applying %s failed", event)
+            self._next_relist = 0.0
 
     def _on_event(self, event: Event) -> None:
         now, wall = self.clock.monotonic(), self.clock.wall()
@@ -413,10 +417,10 @@ class Engine:
         self._next_relist = self.clock.monotonic() + self.relist_interval_s
         while True:
             now = self.clock.monotonic()
-            if now >= self._next_relist:
-                self.relist()
-                self._next_relist = now + self.relist_interval_s
             try:
+                if now >= self._next_relist:
+                    self._next_relist = now + self.relist_interval_s
+                    self.relist()
                 self.tick()
             except Exception:
                 log.exception("a timer step failed; going on")

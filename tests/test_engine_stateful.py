@@ -8,19 +8,24 @@ few dictionaries; the invariants are the engine's promises.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import shutil
+import sqlite3
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from conftest import store_refuses
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from monitor.clock import FakeClock
 from monitor.engine import Engine
+from monitor.errors import StorageError
 from monitor.events import FuseFired, SessionStopped, Transition
 from monitor.identity import ProcessKey, boot_id
 from monitor.locks import LockHeld, overlaps
@@ -45,6 +50,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.running: dict[str, tuple[ProcessKey, str, bool]] = {}  # id -> (key, dir, holds its lock)
         self.stopped: set[str] = set()
         self.manual: set[str] = set()
+        self.fused: set[str] = set()
         self.dead_unseen: set[str] = set()  # died silently: only a relist can tell
 
     def _engine(self) -> Engine:
@@ -134,6 +140,49 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(d=st.sampled_from(DIRS))
     def fuse(self, d: str) -> None:
         self.run(self.engine.fuse_set(self.path(d), 30.0, None))
+        self.fused.add(d)
+
+    @rule(d=st.sampled_from(DIRS), registered=st.booleans())
+    def launch(self, d: str, registered: bool) -> None:
+        """A launch: its lock reserved before the spawn, then handed to the command's process
+        (registered), or given back when the spawn failed."""
+        key = ProcessKey(next(_pids), 1, boot_id())
+        sid = f"s{key.pid}"
+        blocked = any(overlaps(self.path(held), self.path(d)) for held in self._held_dirs())
+        try:
+            self.run(self.engine.reserve_lock(self.path(d), sid))
+        except LockHeld:
+            assert blocked
+            return
+        assert not blocked
+        if not registered:
+            self.engine.cancel_reservation(self.path(d), sid)
+            self.run(self.engine.flush())
+            return
+        self.run(self.engine.register(key, cwd=self.path(d), argv=[], session_id=sid))
+        self.running[sid] = (key, d, True)
+
+    @rule(d=st.sampled_from(DIRS), what=st.sampled_from(["lock", "attach", "fuse", "unlock", "stop"]))
+    def a_request_the_store_refuses(self, d: str, what: str) -> None:
+        """The store refuses the commit (a full disk): the request fails and nothing of it stays."""
+        requests = {
+            "lock": lambda: self.engine.lock(self.path(d), by="model"),
+            "attach": lambda: self.engine.register(ProcessKey(next(_pids), 1, boot_id()), cwd=self.path(d), argv=[]),
+            "fuse": lambda: self.engine.fuse_set(self.path(d), 10.0, None),
+            "unlock": lambda: self.engine.unlock(self.path(sorted(self.manual)[0])) if self.manual else None,
+            "stop": lambda: self.engine.stop(sorted(self.running)[0], grace_s=1.0) if self.running else None,
+        }
+        request = requests[what]()
+        if request is None:
+            return
+        with store_refuses(self.engine):
+            try:
+                self.loop.run_until_complete(request)
+            except (StorageError, LockHeld):
+                pass
+            else:
+                raise AssertionError("a request the store refused was answered as done")
+        self.run(self.engine.flush())
 
     @rule()
     def restart(self) -> None:
@@ -174,6 +223,31 @@ class EngineMachine(RuleBasedStateMachine):
             assert all(lock.session_id != sid for lock in locks.values()), "a dead owner kept its lock"
         dirs = sorted(locks)
         assert not [(a, b) for a, b in itertools.combinations(dirs, 2) if overlaps(a, b)]
+
+    @invariant()
+    def the_engine_holds_what_was_granted_and_nothing_else(self) -> None:
+        """Nothing phantom: no session, manual lock or fuse that a request was refused for."""
+        assert {s.id for s in self.engine.sessions()} == set(self.running)
+        assert {d for d, lock in self.engine.locks.locks.items() if lock.kind == "manual"} == {self.path(d) for d in self.manual}
+        assert set(self.engine.fuses.fuses) == {self.path(d) for d in self.fused}
+        # no stop was ever granted here (only refused): none may be pending, nor its KILL
+        assert not [s.id for s in self.engine.sessions() if s.stop_requested or s.kill_at is not None]
+
+    @invariant()
+    def memory_is_what_a_restart_would_load(self) -> None:
+        """After every step: the sessions, locks (with their owners) and fuses in memory are
+        the rows in the store, and the store has no others."""
+        self.loop.run_until_complete(self.engine.flush())
+        with contextlib.closing(sqlite3.connect(f"file:{self.tmp / 'state.db'}?mode=ro", uri=True)) as db:
+            sessions = {sid: json.loads(data) for sid, data in db.execute("SELECT id, data FROM sessions")}
+            locks = {d: json.loads(data) for d, data in db.execute("SELECT directory, data FROM locks")}
+            fuses = {d: json.loads(data) for d, data in db.execute("SELECT directory, data FROM fuses")}
+        engine = self.engine
+        memory = {sid: json.loads(json.dumps(s.to_dict())) for sid, s in engine.tracker.sessions.items()}
+        assert {sid: sessions.get(sid) for sid in memory} == memory
+        assert {sid for sid, s in sessions.items() if s["state"] == "running"} == {s.id for s in engine.sessions()}
+        assert locks == {d: json.loads(json.dumps(lock.to_dict())) for d, lock in engine.locks.locks.items()}
+        assert fuses == {d: json.loads(json.dumps(fuse.to_dict())) for d, fuse in engine.fuses.fuses.items()}
 
     @invariant()
     def fuses_fire_at_most_once_per_arming(self) -> None:
