@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from monitor import __version__
-from monitor.client import DaemonUnreachable
+from monitor.client import DaemonUnreachable, UntrustedSocket
 from monitor.errors import MonitorError, NoSuchProcess, SourceUnavailable
 from monitor.events import TRANSITION_TYPES, Event, Execed, Exited, Forked, Overrun
 from monitor.identity import ProcessKey
@@ -269,7 +269,7 @@ def _print_doctor(report: dict[str, Any]) -> None:
 
 # -- the daemon and its clients ------------------------------------------------------------
 
-EXIT_UNREACHABLE = 3  # no daemon answered
+EXIT_UNREACHABLE = 3  # no daemon answered, or none that can be trusted (nothing was sent to it)
 EXIT_CODES = {"not_found": 4, "lock_held": 5, "conflict": 5, "forbidden": 6}
 
 
@@ -739,6 +739,12 @@ def main(argv: list[str] | None = None) -> int:
         return _client_command(args)
     except DaemonUnreachable as err:
         print(f"monitor {args.command}: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except UntrustedSocket as err:
+        if args.command == "daemon":  # its own runtime directory: a start that failed
+            print(f"monitor daemon: {err}", file=sys.stderr)
+            return 1
+        print(f"monitor {args.command}: {err}; nothing was sent to it", file=sys.stderr)
         return EXIT_UNREACHABLE
     except ProtocolError as err:
         print(f"monitor {args.command}: {err.message}" + (" [" + err.code + "]" if args.verbose else ""), file=sys.stderr)
