@@ -9,8 +9,7 @@ import hashlib
 import signal
 import sqlite3
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from conftest import PYTHON, ROOT, Procs
 from test_daemon import Daemon, public_dir  # noqa: F401  (a fixture)
 from test_subscribe import Stream, lock_cycle
 
-from monitor.client import Client
 from monitor.protocol import ProtocolError
 
 PAGE = 4096
@@ -54,6 +52,7 @@ class Rig:
         with d.client() as client:
             for i in range(cycles):
                 lock_cycle(client, self.state_dir.parent / f"w{i}")
+            (self.state_dir.parent / "held").mkdir(exist_ok=True)
             client.call("lock.acquire", directory=str(self.state_dir.parent / "held"), by="test")
         self.stop(signum)
 
@@ -199,5 +198,3 @@ def test_moving_aside_keeps_the_wal_with_its_file(rig: Rig) -> None:
         assert db.execute("SELECT count(*) FROM outbox").fetchone()[0] > 0
     db.close()
 
-
-_ = (time, Callable, Client)  # keep imports honest for linters when cases change
