@@ -35,7 +35,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from monitor.errors import MonitorError
+from monitor.errors import MonitorError, StorageError
 
 WAL_MAGIC = (0x377F0682, 0x377F0683)  # the low bit: checksums over big-endian words
 WAL_HEADER = struct.Struct(">IIIIII II")  # magic, version, page size, checkpoint seq, salt1, salt2, checksum1, checksum2
@@ -43,6 +43,7 @@ FRAME_HEADER = struct.Struct(">II8sII")  # page number, db size after commit (0:
 WAL_INDEX_VERSION = 3007000
 WAL_INDEX_HEADER = 48  # struct WalIndexHdr (wal.c), twice, then WalCkptInfo: nBackfill first
 WAL_INDEX_CHECKSUMMED = 40  # WalIndexHdr up to aCksum
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26  # primary result codes (https://www.sqlite.org/rescode.html)
 
 
 class StateTooNew(MonitorError):
@@ -196,15 +197,17 @@ def check(path: Path, known_version: int) -> Verdict | None:
         # Read-only: a refused (newer) file must be left as it is, and a read-only
         # connection never checkpoints the WAL into it on close.
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            too_new(path, int(db.execute("PRAGMA user_version").fetchone()[0]), known_version)
+            problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+        finally:
+            db.close()
     except sqlite3.Error as err:
-        return Verdict(f"cannot be opened: {err}")
-    try:
-        too_new(path, int(db.execute("PRAGMA user_version").fetchone()[0]), known_version)
-        problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
-    except sqlite3.Error as err:
-        return Verdict(f"unreadable: {err}")
-    finally:
-        db.close()
+        # Only what SQLite calls corrupt or not a database is damage: busy, read-only, I/O
+        # and the like say nothing of the file's contents, and fail the start instead.
+        if (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+            return Verdict(f"unreadable: {err}")
+        raise StorageError.of(err) from err
     if problems != ["ok"]:
         return Verdict("quick_check: " + "; ".join(problems))
     return None
