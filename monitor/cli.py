@@ -1,4 +1,4 @@
-"""The `monitor` command line: wait, events, doctor."""
+"""The `monitor` command line: wait, events, doctor, the daemon's commands, fleet."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from monitor import __version__
+from monitor import __version__, fleetcli
 from monitor.client import DaemonUnreachable, UntrustedSocket
 from monitor.errors import MonitorError, NoSuchProcess, SourceUnavailable
 from monitor.events import TRANSITION_TYPES, Event, Execed, Exited, Forked, Overrun
@@ -690,6 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q = fuse.add_parser("list")
     q.add_argument("--json", action="store_true")
+
+    fleetcli.add_parser(sub, parse_duration, _types)
     return parser
 
 
@@ -736,8 +738,10 @@ def main(argv: list[str] | None = None) -> int:
             return _launch(args)
         if args.command == "logs":
             return _logs(args)
+        if args.command == "fleet":
+            return fleetcli.run(args)
         return _client_command(args)
-    except DaemonUnreachable as err:
+    except (DaemonUnreachable, fleetcli.FleetUnreachable) as err:
         print(f"monitor {args.command}: {err}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except UntrustedSocket as err:
