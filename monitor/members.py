@@ -30,8 +30,8 @@ def cgroup_members(session: Session) -> list[ProcessKey]:
         return []
     keys = []
     for pid in cgroups.members(Path(session.cgroup)):
-        with contextlib.suppress(MonitorError):
-            key = ProcessKey.of(pid)
+        with contextlib.suppress(MonitorError, ValueError):
+            key = ProcessKey.of(int(pid))
             if key != session.key:
                 keys.append(key)
     return keys

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PYTHON, ROOT, Procs
+from conftest import PYTHON, ROOT, Procs, arun
 from receiver import Receiver, Reply, Request, agentctl_signature_ok, standard_signature_ok
 from test_daemon import Daemon
 
@@ -33,7 +33,7 @@ SECRET = "whsec_" + base64.b64encode(b"twenty-four random bytes").decode()
 AGENTCTL_SECRET = "an agentctl shared secret"
 
 
-def endpoint_toml(url: str, name: str = "hook", secret: str = SECRET, **options: Any) -> str:
+def endpoint_toml(url: str, name: str = "hook", secret: str | list[str] = SECRET, **options: Any) -> str:
     settings = {"name": name, "url": url, "secret": secret, "allow_private": True, "retry_first_s": 0.2, "timeout_s": 5, **options}
     return "[[webhooks]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
 
@@ -115,6 +115,22 @@ def test_an_exit_7_is_delivered_once_signed_both_ways_with_its_real_status(rigs:
         assert not standard_signature_ok(tampered, SECRET) and not agentctl_signature_ok(tampered, SECRET)
         assert not standard_signature_ok(request, "whsec_" + base64.b64encode(b"another secret, not ours").decode())
         assert SECRET not in rig.stop() and SECRET not in json.dumps(body)
+
+
+def test_while_rotating_every_secret_signs_the_standard_header_and_the_first_signs_agentctls(
+        rigs: list[Rig], procs: Procs, tmp_path: Path, work: Path) -> None:
+    """`secret = [new, old]`: a receiver that still has only the old secret, and one that has
+    only the new, both accept the Standard Webhooks signature (one `v1,` per secret). agentctl's
+    headers hold one signature each, so they carry the first secret's (the new one) alone."""
+    new, old = SECRET, AGENTCTL_SECRET
+    with Receiver() as receiver:
+        rig = Rig(procs, tmp_path, endpoint_toml(receiver.url, secret=[new, old], events=["session.stopped"]))
+        rigs.append(rig)
+        rig.launch("exit 3", work)
+        [request] = receiver.wait_for(1)
+    assert len(request.headers["webhook-signature"].split()) == 2
+    assert standard_signature_ok(request, new) and standard_signature_ok(request, old)
+    assert agentctl_signature_ok(request, new) and not agentctl_signature_ok(request, old)
 
 
 def test_sigkill_is_reported_as_the_signal(rigs: list[Rig], procs: Procs, tmp_path: Path, work: Path) -> None:
@@ -411,3 +427,47 @@ def test_a_burst_larger_than_max_in_flight_is_all_delivered(monkeypatch: pytest.
         await worker.pool.aclose()
 
     asyncio.run(main())
+
+
+def test_a_failed_save_of_delivery_outcomes_keeps_them_and_retries(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The state file refuses the save (here its table is gone for a while: a real SQLite
+    error): the outcomes are kept, merged with newer ones, saved once it works again, and
+    the failure is logged once for the streak, not per attempt."""
+    import sqlite3
+
+    from monitor import webhooks
+    from monitor.store import Delivery, Store
+
+    caplog.set_level("INFO", logger="monitor.webhooks")
+    path = tmp_path / "state.db"
+    Store(path).close()
+
+    async def scenario() -> list[tuple[str, int, str, int]]:
+        hooks = webhooks.Webhooks([], path)
+        await hooks.start()
+        worker = webhooks.EndpointWorker(Endpoint("e", "http://127.0.0.1:9/", ("x" * 16,), allow_private=True), hooks)
+        with sqlite3.connect(path, isolation_level=None) as other:
+            other.execute("ALTER TABLE webhook_deliveries RENAME TO aside")
+            hooks.save(Delivery("e", 1, "pending", 1, updated_at=1.0), worker)
+            async with asyncio.timeout(10):
+                while not hooks._save_failing:
+                    await asyncio.sleep(0.01)
+            hooks.save(Delivery("e", 1, "delivered", 2, updated_at=2.0), worker)  # newer outcomes meanwhile
+            hooks.save(Delivery("e", 2, "failed", 9, updated_at=2.0), worker)
+            kept = hooks._unsaved
+            async with asyncio.timeout(10):
+                while hooks._unsaved is kept:  # one more attempt took them, failed, and kept them
+                    await asyncio.sleep(0.01)
+            other.execute("ALTER TABLE aside RENAME TO webhook_deliveries")
+        other.close()
+        async with asyncio.timeout(10):
+            while hooks._saving is not None:
+                await asyncio.sleep(0.01)
+        rows = await hooks.db(lambda: [(d.endpoint, d.seq, d.state, d.attempts) for d in hooks.store._select("ORDER BY seq", ())])
+        await hooks.close()
+        return rows
+
+    assert arun(scenario()) == [("e", 1, "delivered", 2), ("e", 2, "failed", 9)]
+    failures = [r for r in caplog.records if "could not record webhook deliveries" in r.getMessage()]
+    assert len(failures) == 1 and "no such table" in failures[0].getMessage()
+    assert any("recorded again" in r.getMessage() for r in caplog.records)
