@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Procs, arun
@@ -295,6 +296,26 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def serving(procs: Procs, socket_path: Path, state_dir: Path, *extra: str) -> Any:
+    """A daemon that answers (its socket file appears a moment before it listens)."""
+    from test_daemon import Daemon
+
+    from monitor.client import DaemonUnreachable
+
+    d = Daemon(procs, socket_path, state_dir, *extra)
+
+    def answers() -> bool:
+        try:
+            with d.client() as client:
+                client.call("hello")
+        except (DaemonUnreachable, OSError):
+            return False
+        return True
+
+    wait_for(answers, 20)
+    return d
+
+
 def cgroups_writable() -> bool:
     from monitor import cgroups
 
@@ -312,11 +333,11 @@ def test_a_launched_tree_session_outlives_a_setsid_double_fork(source: str, proc
     children, cannot (the intermediate is gone before a scan): the cgroup still holds it."""
     if not cgroups_writable():
         pytest.skip("no writable cgroup v2 here")
-    from test_daemon import Daemon, cli
+    from test_daemon import cli
 
     (tmp_path / "grand.sh").write_text(GRANDCHILD)
     pidfile = tmp_path / "escaped"
-    d = Daemon(procs, *daemon_dirs, "--source", source)
+    d = serving(procs, *daemon_dirs, "--source", source)
     try:
         script = f'setsid sh -c "sh {tmp_path}/grand.sh {pidfile} & exit 0"; exit 0'
         started = cli(d, "launch", "--tree", "--json", "--", "sh", "-c", script, cwd=tmp_path)
@@ -339,10 +360,10 @@ def test_a_launched_tree_session_outlives_a_setsid_double_fork(source: str, proc
 
 def test_orphans_through_the_cli_kept_and_listed_or_killed(procs: Procs, daemon_dirs: tuple[Path, Path],
                                                             tmp_path: Path, subreaper: None) -> None:
-    from test_daemon import Daemon, cli
+    from test_daemon import cli
 
     (tmp_path / "grand.sh").write_text(GRANDCHILD)
-    d = Daemon(procs, *daemon_dirs)
+    d = serving(procs, *daemon_dirs)
     try:
         for policy in ("keep", "kill"):
             pidfile = tmp_path / f"orphan.{policy}"
@@ -372,13 +393,12 @@ def test_orphans_through_the_cli_kept_and_listed_or_killed(procs: Procs, daemon_
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
 def test_tree_membership_survives_a_daemon_restart(how: str, procs: Procs, daemon_dirs: tuple[Path, Path],
                                                    tmp_path: Path, subreaper: None) -> None:
-    from test_daemon import Daemon
 
     (tmp_path / "grand.sh").write_text(GRANDCHILD)
     pidfile = tmp_path / "child"
     root = procs.sh(f"read go; sh {tmp_path}/grand.sh {pidfile} & read go; exit 0", stdin=subprocess.PIPE, cwd=tmp_path)
     assert root.stdin is not None
-    d = Daemon(procs, *daemon_dirs)
+    d = serving(procs, *daemon_dirs)
     with d.client() as client:
         session = client.call("session.attach", pid=root.pid, policy="tree")
         root.stdin.write(b"go\n")
@@ -396,7 +416,7 @@ def test_tree_membership_survives_a_daemon_restart(how: str, procs: Procs, daemo
     else:
         d.proc.terminate()
         assert d.proc.wait(10) == 0
-    again = Daemon(procs, *daemon_dirs)
+    again = serving(procs, *daemon_dirs)
     try:
         with again.client() as client:
             if how == "SIGTERM":
@@ -478,11 +498,11 @@ def test_a_tree_watch_reports_each_member_forked_before_its_own_forks_and_exit(d
 
 def test_launch_tree_wait_waits_for_a_child_forked_at_once(procs: Procs, daemon_dirs: tuple[Path, Path],
                                                            tmp_path: Path, subreaper: None) -> None:
-    from test_daemon import Daemon, cli
+    from test_daemon import cli
 
     (tmp_path / "grand.sh").write_text('echo $$ > "$1"; exec sleep 1\n')
     pidfile = tmp_path / "early"
-    d = Daemon(procs, *daemon_dirs)
+    d = serving(procs, *daemon_dirs)
     try:
         done = cli(d, "launch", "--tree", "--wait", "--json", "--", "sh", "-c", f"sh {tmp_path}/grand.sh {pidfile} & exit 4",
                    cwd=tmp_path)
@@ -499,11 +519,11 @@ def test_launch_tree_wait_waits_for_a_child_forked_at_once(procs: Procs, daemon_
 
 def test_orphans_are_followed_across_a_restart(procs: Procs, daemon_dirs: tuple[Path, Path], tmp_path: Path,
                                                 subreaper: None) -> None:
-    from test_daemon import Daemon, cli
+    from test_daemon import cli
 
     (tmp_path / "grand.sh").write_text(GRANDCHILD)
     pidfile = tmp_path / "orphan"
-    d = Daemon(procs, *daemon_dirs)
+    d = serving(procs, *daemon_dirs)
     script = f'sh {tmp_path}/grand.sh {pidfile} & while [ ! -s {pidfile} ]; do sleep 0.01; done; exit 0'
     root = procs.sh(f"read go; {script}", stdin=subprocess.PIPE, cwd=tmp_path)
     assert root.stdin is not None
@@ -516,7 +536,7 @@ def test_orphans_are_followed_across_a_restart(procs: Procs, daemon_dirs: tuple[
     d.proc.kill()
     d.proc.wait(10)
     daemon_dirs[0].unlink()
-    again = Daemon(procs, *daemon_dirs)
+    again = serving(procs, *daemon_dirs)
     try:
         listed = json.loads(cli(again, "orphans", "--json").stdout)
         assert [(o["pid"], o["session_id"]) for o in listed] == [(orphan, session["id"])]
