@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,22 @@ def socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return default_paths()[0]
 
 
+def connect(sock: socket.socket, path: str, timeout_s: float | None) -> None:
+    """connect(2), waiting while the daemon's backlog is full: a Unix socket answers EAGAIN
+    then, and Python's timeout handling only waits on EINPROGRESS (unix(7))."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{path}: the daemon accepts no connection (its backlog is full)") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
 class Client:
     def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout_s: float | None = 30.0) -> None:
         self.path = socket_path(path)
@@ -55,7 +72,7 @@ class Client:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         try:
-            self._sock.connect(str(real))
+            connect(self._sock, str(real), timeout_s)
             check_peer(self._sock, self.path, trusted)
         except (FileNotFoundError, ConnectionRefusedError) as err:
             self._sock.close()

@@ -643,19 +643,29 @@ def bind_socket(path: Path) -> socket.socket:
             path.unlink()  # stale: nobody listens
         finally:
             probe.close()
+    # Bound and listening under a name of its own first, then linked into place: a client
+    # that finds the socket can connect at once (never "connection refused" from a socket
+    # that is bound but not yet listening), and link(2), unlike rename, never replaces
+    # another daemon's socket that appeared meanwhile.
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        staging.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # created 0600, then opened up on purpose below
     try:
-        sock.bind(str(path))
+        sock.bind(str(staging))
+        # Every user may connect; what each may do is decided per request from SO_PEERCRED.
+        os.chmod(staging, 0o666 if os.geteuid() == 0 else 0o600)
+        sock.listen(socket.SOMAXCONN)  # a burst of connects waits in the backlog, not refused
+        os.link(staging, path)
     except OSError as err:
         sock.close()
-        if err.errno == errno.EADDRINUSE:
+        if err.errno in (errno.EADDRINUSE, errno.EEXIST):
             raise MonitorError(f"{path} is in use") from None
         raise
     finally:
         os.umask(old)
-    # Every user may connect; what each may do is decided per request from SO_PEERCRED.
-    os.chmod(path, 0o666 if os.geteuid() == 0 else 0o600)
-    sock.listen(128)
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
     sock.setblocking(False)
     return sock
