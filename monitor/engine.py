@@ -68,6 +68,10 @@ class AlreadyDead(MonitorError):
         super().__init__(f"process {key.pid} has already exited")
 
 
+class AlreadyFollowed(MonitorError):
+    """The process is a running session's already: a conflict, not a bad request."""
+
+
 def process_cwd(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/cwd")
@@ -476,7 +480,7 @@ class Engine:
             raise AlreadyDead(key)
         followed = self.tracker.session_of(key)
         if followed is not None:
-            raise MonitorError(f"process {key.pid} is already followed by session {followed.id}")
+            raise AlreadyFollowed(f"process {key.pid} is already followed by session {followed.id}")
         now, wall = self.clock.monotonic(), self.clock.wall()
         directory = os.path.realpath(cwd or process_cwd(key.pid))
         session = Session(

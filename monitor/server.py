@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor import __version__
-from monitor.engine import AlreadyDead, Engine
+from monitor.engine import AlreadyDead, AlreadyFollowed, Engine
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess, StorageError
 from monitor.events import TRANSITION_TYPES
 from monitor.fuses import NoFuse
@@ -137,7 +137,7 @@ class Api:
             raise ProtocolError(NOT_FOUND, str(err)) from None
         except LockHeld as err:
             raise ProtocolError(LOCK_HELD, str(err)) from None
-        except AlreadyDead as err:
+        except (AlreadyDead, AlreadyFollowed) as err:
             raise ProtocolError(CONFLICT, str(err)) from None
         except LaunchFailed as err:
             raise ProtocolError(CONFLICT, str(err)) from None
@@ -449,6 +449,11 @@ class Server:
             since = param(request.params, "since", int, None)
             if since is not None and since < 0:
                 raise ProtocolError(BAD_REQUEST, "since is an event id (0: from the oldest kept)")
+            if session is not None:  # a session nobody knows would be waited on for ever
+                try:
+                    session = self.api.engine.session(session).id
+                except UnknownSession as err:
+                    raise ProtocolError(NOT_FOUND, str(err)) from None
         except ProtocolError as err:
             writer.write(error(request.id, err.code, err.message))
             await writer.drain()
