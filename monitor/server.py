@@ -116,6 +116,7 @@ class Api:
         self.launcher = launcher
         self.webhooks = webhooks
         self.metrics = metrics
+        self.metrics_problem: str | None = None  # why the HTTP /metrics listener is not serving
         self.methods: dict[str, Callable[[Peer, dict[str, Any]], Awaitable[Any]]] = {
             "hello": self.hello, "daemon.status": self.status,
             "session.attach": self.attach, "session.launch": self.launch,
@@ -169,7 +170,7 @@ class Api:
                 "source": source.name if source else None, "source_stats": source.stats() if source else {},
                 "sessions_running": len(self.engine.sessions()), "locks": len(self.engine.locks.locks),
                 "fuses": len(self.engine.fuses.fuses), "state_db": str(self.engine.state_path),
-                "store": self.engine.store_failure or "ok"}
+                "store": self.engine.store_failure or "ok", "metrics_problem": self.metrics_problem}
 
     async def attach(self, peer: Peer, params: dict[str, Any]) -> Any:
         pid = param(params, "pid", int, required=True)
