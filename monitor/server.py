@@ -30,6 +30,7 @@ from monitor.engine import AlreadyDead, AlreadyFollowed, Engine
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess, StorageError
 from monitor.events import TRANSITION_TYPES
 from monitor.fuses import NoFuse
+from monitor.identity import read_stat
 from monitor.launcher import Launcher, LaunchFailed
 from monitor.locks import LockHeld, NotLocked
 from monitor.metrics import Metrics
@@ -104,6 +105,16 @@ def _seconds(params: dict[str, Any], name: str) -> float | None:
 def _hooks(params: dict[str, Any]) -> dict[str, str | None]:
     """A session's own hooks: shell commands run as its owner (the peer), never as the daemon."""
     return {"on_start": param(params, "on_start", str, None), "on_complete": param(params, "on_complete", str, None)}
+
+
+def monitors_own(pid: int, asking: int) -> bool:
+    """Whether `pid` is monitor's own: the daemon, the client asking, or a child of the daemon
+    (a launch's wrapper, a hook, a fuse action). A launched command is its wrapper's child, so
+    it is not; a process that is gone is nobody's."""
+    if pid in (os.getpid(), asking):
+        return True
+    stat = read_stat(pid)
+    return stat is None or stat.ppid == os.getpid()
 
 
 class Api:
@@ -261,7 +272,8 @@ class Api:
         return [lock.public() for lock in sorted(self.engine.locks.locks.values(), key=lambda lk: lk.directory)]
 
     async def who(self, peer: Peer, params: dict[str, Any]) -> Any:
-        return await self.engine.who_uses(param(params, "directory", str, required=True))
+        found = await self.engine.who_uses(param(params, "directory", str, required=True))
+        return [p for p in found if not monitors_own(p["pid"], peer.pid)]
 
     async def fuse_set(self, peer: Peer, params: dict[str, Any]) -> Any:
         ttl = _seconds(params, "ttl_s")
