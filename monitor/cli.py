@@ -285,6 +285,8 @@ def _daemon_events(args: argparse.Namespace, out: TextIO) -> int:
         for event in events:
             out.write((json.dumps(event) if args.json else format_record(event)) + "\n")
             out.flush()
+            if args.session and event["type"] == "session.stopped" and event["session_id"].startswith(args.session):
+                return 0  # its story is told, as --pid's ends with the process
     return 0
 
 
@@ -398,6 +400,15 @@ def _pidfd_get_info_works(request: int) -> bool:
         os.close(fd)
 
 
+def _rcvbuf(netlink: dict[str, Any]) -> str:
+    """The receive buffer as asked for: the kernel doubles what setsockopt(SO_RCVBUF) sets, for
+    its bookkeeping, and getsockopt returns the doubled value (socket(7), SO_RCVBUF)."""
+    text = f"{netlink['rcvbuf_bytes'] // 2 / (1 << 20):g} MiB"
+    if not netlink.get("rcvbuf_forced", True):  # SO_RCVBUFFORCE needs CAP_NET_ADMIN
+        text += " (capped at net.core.rmem_max: no CAP_NET_ADMIN)"
+    return text
+
+
 def _print_doctor(report: dict[str, Any]) -> None:
     proc = report["process"]
     print(f"monitor {report['version']} on {report['platform']} {report['kernel']}")
@@ -413,7 +424,7 @@ def _print_doctor(report: dict[str, Any]) -> None:
         mark = "ok " if info["available"] else "-- "
         detail = info["reason"]
         if name == "netlink" and info["available"]:
-            detail = f"filter {info['kernel_filter']}, decoder {info['decoder']}, receive buffer {info['rcvbuf_bytes'] >> 20} MiB"
+            detail = f"filter {info['kernel_filter']}, decoder {info['decoder']}, receive buffer {_rcvbuf(info)}"
         print(f"  {mark} {name:<8} {detail}")
     print()
     print(f"selected: {report['selected'] or 'none: no source works here'}")
@@ -824,7 +835,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon", action="store_true", help="follow the daemon's events instead of the kernel's")
     p.add_argument("--since", type=int, metavar="ID",
                    help="with --daemon: first replay what came after event ID, 0 for all kept (default: only new events)")
-    p.add_argument("--session", metavar="ID", help="with --daemon: only this session's events, by id or unique prefix (default: every session's)")
+    p.add_argument("--session", metavar="ID", help="with --daemon: only this session's events, by id or unique prefix, until "
+                   "its session.stopped (default: every session's, for ever)")
     _add_json(p, "one JSON object per line")
     p.add_argument("--pid", type=_pid, help="follow this process only, until it is gone (default: every process)")
     p.add_argument("--tree", action="store_true", help="with --pid: follow its descendants too")
