@@ -194,6 +194,8 @@ class Actions:
 
 def send_through_pidfd(key: ProcessKey, signum: int) -> None:
     """Signal the process `key` names (its group, when it leads one), never a reused PID."""
+    if sys.platform != "linux":
+        raise MonitorError("pidfds are Linux's")
     try:
         fd = os.pidfd_open(key.pid)
     except OSError:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TextIO
 
 from monitor import __version__
-from monitor.client import DaemonUnreachable
+from monitor.client import DaemonUnreachable, UntrustedSocket
 from monitor.errors import MonitorError, NoSuchProcess, SourceUnavailable
 from monitor.events import TRANSITION_TYPES, Event, Execed, Exited, Forked, Overrun
 from monitor.identity import ProcessKey
@@ -41,7 +41,7 @@ log = logging.getLogger("monitor.cli")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3  # no daemon answered
+EXIT_UNREACHABLE = 3  # no daemon answered, or none that can be trusted (nothing was sent to it)
 EXIT_CODES = {"not_found": 4, "lock_held": 5, "conflict": 5, "forbidden": 6}  # the daemon's error codes
 EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_UNKNOWN_STATUS = 125  # the process ended, but no source here could tell how
@@ -450,7 +450,7 @@ def _print_daemon(value: dict[str, Any]) -> None:
     print(f"sessions running {value['sessions_running']}, locks {value['locks']}, fuses {value['fuses']}; "
           f"state {value['state_db']}")
     if value.get("store", "ok") != "ok":
-        print(f"state store failing: {value['store']}")
+        print(f"store FAILING: {value['store']} (changes are refused; exits are kept and stored when it works again)")
     if value.get("metrics_problem"):
         print(f"metrics: {value['metrics_problem']}")
 
@@ -1017,6 +1017,10 @@ def run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         return fail(args.json, f"{err.parser.prog}: {err}", "usage", str(err), EXIT_USAGE)
     except DaemonUnreachable as err:
         return fail(args.json, f"{where}: {err}", "unreachable", str(err), EXIT_UNREACHABLE)
+    except UntrustedSocket as err:
+        if args.command == "daemon" and args.action == "run":  # its own runtime directory: a start that failed
+            return fail(args.json, f"{where}: {err}", "error", str(err), EXIT_ERROR)
+        return fail(args.json, f"{where}: {err}; nothing was sent to it", "untrusted", str(err), EXIT_UNREACHABLE)
     except ProtocolError as err:
         return fail(args.json, f"{where}: {err.message}", err.code, err.message, EXIT_CODES.get(err.code, EXIT_ERROR))
     except NoSuchProcess as err:

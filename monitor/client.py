@@ -5,6 +5,12 @@
         for event in client.subscribe(types=["session.stopped"], since=last_seen_id):
             last_seen_id = event["id"]              # resume from here after a reconnect
             ...
+
+Before it sends anything, the client makes sure that it talks to root's daemon or to
+its own: the socket and every directory on the way to it belong to root or to the
+caller and no one else may write them (monitor.trust), and the process that answers
+runs as root or as the caller (SO_PEERCRED). Otherwise: UntrustedSocket, and nothing
+was sent.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from typing import Any
 from monitor.config import default_paths
 from monitor.errors import MonitorError
 from monitor.protocol import ProtocolError, encode
+from monitor.trust import UntrustedSocket, check_peer, check_socket_path
+
+__all__ = ["Client", "DaemonUnreachable", "UntrustedSocket", "socket_path"]
 
 
 class DaemonUnreachable(MonitorError):
@@ -46,13 +55,22 @@ def socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 class Client:
     def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout_s: float | None = 30.0) -> None:
         self.path = socket_path(path)
+        trusted = frozenset({0, os.geteuid()})
+        try:
+            real = check_socket_path(self.path, trusted)
+        except OSError as err:  # nothing there (or nothing we may see): no daemon, not an impostor
+            raise DaemonUnreachable(self.path, err.strerror or str(err)) from None
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         try:
-            self._sock.connect(str(self.path))
+            self._sock.connect(str(real))
+            check_peer(self._sock, self.path, trusted)
         except (FileNotFoundError, ConnectionRefusedError) as err:
             self._sock.close()
             raise DaemonUnreachable(self.path, err.strerror or str(err)) from None
+        except BaseException:
+            self._sock.close()
+            raise
         self._file = self._sock.makefile("rb")
         self._next_id = 0
         self.subscription: dict[str, Any] = {}  # the answer to subscribe: last_id, missed

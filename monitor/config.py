@@ -3,7 +3,10 @@
 Paths follow where a service's files belong: as root /run/monitor/monitor.sock and
 /var/lib/monitor; otherwise under $XDG_RUNTIME_DIR and $XDG_STATE_HOME; under systemd,
 $RUNTIME_DIRECTORY and $STATE_DIRECTORY win. Unknown keys are an error, not a typo
-that silently does nothing. Webhook endpoints and global hooks come from the file
+that silently does nothing, and every value is checked against its declared type and
+range (msgspec, as the socket's params are): an interval is positive and finite, a
+buffer holds at least one event, a path or command holds no NUL byte; an error names
+the key. Webhook endpoints and global hooks come from the file
 only: it is root's (as root), and a URL or command is a privilege to grant.
 """
 
@@ -17,10 +20,13 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from monitor.errors import MonitorError
 from monitor.events import TRANSITION_TYPES
+from monitor.logs import LOG_FORMATS, LOG_LEVELS
 from monitor.webhook_format import AGENTCTL, AGENTCTL_TYPES, FORMATS, STANDARD, secret_problem
 
 log = logging.getLogger(__name__)
@@ -95,20 +101,25 @@ class Config:
 
 
 def default_paths(env: Mapping[str, str] = os.environ) -> tuple[Path, Path]:
-    """(socket, state dir) for this user, honouring systemd's and XDG's directories."""
+    """(socket, state dir) for this user, honouring systemd's and XDG's directories.
+
+    Without $XDG_RUNTIME_DIR a user's socket lives in its own state directory, never in a
+    shared directory such as /tmp, where another user could have made the path first."""
     root = os.geteuid() == 0
-    if env.get("RUNTIME_DIRECTORY"):
-        runtime = Path(env["RUNTIME_DIRECTORY"].split(":")[0])
-    elif root:
-        runtime = Path("/run/monitor")
-    else:
-        runtime = Path(env.get("XDG_RUNTIME_DIR") or f"/tmp/monitor-{os.getuid()}") / "monitor"
     if env.get("STATE_DIRECTORY"):
         state = Path(env["STATE_DIRECTORY"].split(":")[0])
     elif root:
         state = Path("/var/lib/monitor")
     else:
         state = Path(env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "monitor"
+    if env.get("RUNTIME_DIRECTORY"):
+        runtime = Path(env["RUNTIME_DIRECTORY"].split(":")[0])
+    elif root:
+        runtime = Path("/run/monitor")
+    elif env.get("XDG_RUNTIME_DIR"):
+        runtime = Path(env["XDG_RUNTIME_DIR"]) / "monitor"
+    else:
+        runtime = state
     return runtime / "monitor.sock", state
 
 
@@ -118,24 +129,47 @@ def default_config_file(env: Mapping[str, str] = os.environ) -> Path:
     return Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "monitor" / "config.toml"
 
 
-_TYPES = {"socket": Path, "state_dir": Path, "source": str, "relist_interval_s": float, "child_grace_s": float,
-          "max_connections": int, "idle_timeout_s": float, "log_level": str, "log_format": str, "subscriber_buffer": int,
-          "retain_events_s": float, "hook_timeout_s": float, "metrics_listen": str}
+_NO_NUL = r"^[^\x00]*$"
+_DAY_S = 24 * 3600.0
+_YEARS_S = 10 * 365 * _DAY_S
+
+
+_DaySeconds = Annotated[float, msgspec.Meta(gt=0, le=_DAY_S)]  # finite, positive, at most a day
+_LongSeconds = Annotated[float, msgspec.Meta(gt=0, le=_YEARS_S)]
+_PathText = Annotated[str, msgspec.Meta(min_length=1, max_length=4095, pattern=_NO_NUL)]
+_Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=_NO_NUL)]
+_Command = Annotated[str, msgspec.Meta(min_length=1, max_length=65536, pattern=_NO_NUL)]
+
+# Each setting's type and range. Paths are checked as text, then made Paths.
+_SETTINGS: dict[str, Any] = {
+    "socket": _PathText, "state_dir": _PathText, "source": Literal["netlink", "pidfd", "poll"],
+    "relist_interval_s": _DaySeconds, "child_grace_s": _DaySeconds,
+    "max_connections": Annotated[int, msgspec.Meta(ge=1, le=65536)], "idle_timeout_s": _DaySeconds,
+    "log_level": Annotated[str, msgspec.Meta(pattern="(?i)^(" + "|".join(LOG_LEVELS) + ")$")],
+    "log_format": Annotated[str, msgspec.Meta(pattern="^(" + "|".join(LOG_FORMATS) + ")$")],
+    "subscriber_buffer": Annotated[int, msgspec.Meta(ge=1, le=10_000_000)], "retain_events_s": _LongSeconds,
+    "hook_timeout_s": _DaySeconds, "metrics_listen": _Text,
+}
+_PATHS = ("socket", "state_dir")
 _FILE_ONLY = ("hooks", "webhooks")
 
 
-def _coerce(key: str, value: Any, origin: str) -> Any:
-    if key not in _TYPES:
-        raise ConfigError(f"{origin}: unknown setting {key!r} (known: {', '.join(sorted(_TYPES))})")
-    kind = _TYPES[key]
+def _explain(err: msgspec.ValidationError) -> str:
+    text = str(err).replace(f"`str` matching regex {_NO_NUL!r}", "text without NUL bytes")
+    if "matching regex '^(" in text or "matching regex '(?i)^(" in text:  # a choice: say the choices
+        text = text.split(" matching regex ")[0] + ": one of " + text.split("^(")[1].split(")$")[0].replace("|", ", ")
+    return text
+
+
+def _coerce(key: str, value: Any, origin: str, *, text: bool = False) -> Any:
+    """`value` of setting `key`, checked; `text`: it came as a string (an environment variable)."""
+    if key not in _SETTINGS:
+        raise ConfigError(f"{origin}: unknown setting {key!r} (known: {', '.join(sorted(_SETTINGS))})")
     try:
-        if kind is Path:
-            return Path(str(value)).expanduser()
-        if kind in (int, float) and isinstance(value, bool):
-            raise ValueError("a boolean is not a number")
-        return kind(value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{origin}: {key} = {value!r} is not a {kind.__name__}: {err}") from None
+        checked = msgspec.convert(value, _SETTINGS[key], strict=not text)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"{origin}: {key} = {value!r}: {_explain(err)}") from None
+    return Path(checked).expanduser() if key in _PATHS else checked
 
 
 def load_config(path: str | Path | None = None, *, env: Mapping[str, str] = os.environ,
@@ -163,14 +197,10 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] = os.e
             continue
         name = "MONITOR_" + f.name.upper()
         if env.get(name):
-            from_env[f.name] = _coerce(f.name, env[name], name)
+            from_env[f.name] = _coerce(f.name, env[name], name, text=True)
     config = replace(config, **from_env)
     if overrides:
         config = replace(config, **{k: _coerce(k, v, "command line") for k, v in overrides.items() if v is not None})
-    if config.source is not None and config.source not in ("netlink", "pidfd", "poll"):
-        raise ConfigError(f"source {config.source!r}: choose netlink, pidfd or poll")
-    if config.log_format not in ("auto", "text", "journald", "json"):
-        raise ConfigError(f"log_format {config.log_format!r}: choose auto, text, journald or json")
     if config.metrics_listen is not None:
         listen_address(config.metrics_listen)
     longest = max((e.max_age_s for e in config.webhooks), default=0.0)
@@ -212,14 +242,28 @@ def _hooks(value: Any, origin: str) -> dict[str, str]:
     for key, command in value.items():
         if key not in HOOK_NAMES:
             raise ConfigError(f"{origin}: unknown hook {key!r} (known: {', '.join(HOOK_NAMES)})")
-        if not isinstance(command, str) or not command.strip():
-            raise ConfigError(f"{origin}: hooks.{key} is a shell command")
+        if not isinstance(command, str) or not command.strip() or "\0" in command:
+            raise ConfigError(f"{origin}: hooks.{key} is a shell command (without NUL bytes)")
     return dict(value)
 
 
-_ENDPOINT_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "url": str, "secret": (str, list), "events": list, "timeout_s": (int, float),
-                  "allow_private": bool, "max_age_s": (int, float), "retry_first_s": (int, float),
-                  "retry_max_s": (int, float), "max_in_flight": int, "format": str}
+class _EndpointTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A [[webhooks]] table as written: its keys, their types and ranges (UNSET: not given)."""
+
+    name: _Text | None = None
+    url: _Text | None = None
+    secret: _Text | list[_Text] | None = None
+    events: list[_Text] | None = None
+    allow_private: bool = False
+    timeout_s: _DaySeconds | msgspec.UnsetType = msgspec.UNSET
+    max_age_s: _LongSeconds | msgspec.UnsetType = msgspec.UNSET
+    retry_first_s: _DaySeconds | msgspec.UnsetType = msgspec.UNSET
+    retry_max_s: _LongSeconds | msgspec.UnsetType = msgspec.UNSET
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=1024)] | msgspec.UnsetType = msgspec.UNSET
+    format: _Text = STANDARD
+
+
+_TUNING = ("timeout_s", "max_age_s", "retry_first_s", "retry_max_s", "max_in_flight")
 
 
 def _webhooks(value: Any, origin: str) -> tuple[Endpoint, ...]:
@@ -227,41 +271,39 @@ def _webhooks(value: Any, origin: str) -> tuple[Endpoint, ...]:
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise ConfigError(f"{origin}: webhooks are [[webhooks]] tables")
     endpoints = []
-    for number, table in enumerate(value, start=1):
-        where = f"{origin}: webhook {table.get('name') or number}"
-        for key, item in table.items():
-            kind = _ENDPOINT_KEYS.get(key)
-            if kind is None:
-                raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(_ENDPOINT_KEYS))})")
-            if not isinstance(item, kind) or (isinstance(item, bool) and kind is not bool):
-                raise ConfigError(f"{where}: {key} has the wrong type")
-        url = table.get("url")
+    for number, raw in enumerate(value, start=1):
+        where = f"{origin}: webhook {raw.get('name') or number}"
+        try:
+            table = msgspec.convert(raw, _EndpointTable)
+        except msgspec.ValidationError as err:
+            text = _explain(err)
+            if text.startswith("Object contains unknown field"):
+                key = text.split("`")[1]
+                raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(_EndpointTable.__struct_fields__)})") from None
+            raise ConfigError(f"{where}: {text.replace(' - at `$.', ': ').rstrip('`')}") from None
+        url = table.url
         if not url:
             raise ConfigError(f"{where}: url is required")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{where}: url {url!r} is not an http(s) URL")
-        secret = table.get("secret")
+        secret = table.secret
         secrets = tuple(secret) if isinstance(secret, list) else (secret,) if secret else ()
-        if not secrets or not all(isinstance(s, str) and len(s) >= 16 for s in secrets):
+        if not secrets or not all(len(s) >= 16 for s in secrets):
             raise ConfigError(f"{where}: secret is required, at least 16 characters (24 random bytes is the norm)")
-        events = table.get("events")
+        events = table.events
         if events is not None:
             unknown = set(events) - set(TRANSITION_TYPES)
             if unknown or not events:
                 raise ConfigError(f"{where}: events {sorted(unknown) or events} (known: {', '.join(TRANSITION_TYPES)})")
-        format_ = _format(table, secrets, events, where)
-        allow_private = bool(table.get("allow_private", False))
+        format_ = _format(table.format, secrets, events, where)
+        allow_private = table.allow_private
         literal = ip_literal(parts.hostname)
         if literal is not None and not allow_private and (refusal := non_public_kind(literal)):
             raise ConfigError(f"{where}: {parts.hostname} is not a public address ({refusal}); set allow_private = true to send there")
-        tuning: dict[str, Any] = {k: float(table[k]) for k in ("timeout_s", "max_age_s", "retry_first_s", "retry_max_s") if k in table}
-        if "max_in_flight" in table:
-            tuning["max_in_flight"] = table["max_in_flight"]
-        endpoint = Endpoint(name=str(table.get("name") or parts.hostname), url=url, secrets=secrets, format=format_,
+        tuning = {k: getattr(table, k) for k in _TUNING if getattr(table, k) is not msgspec.UNSET}
+        endpoint = Endpoint(name=table.name or parts.hostname, url=url, secrets=secrets, format=format_,
                             events=frozenset(events) if events is not None else None, allow_private=allow_private, **tuning)
-        if endpoint.timeout_s <= 0 or endpoint.max_age_s <= 0 or endpoint.retry_first_s <= 0 or endpoint.max_in_flight < 1:
-            raise ConfigError(f"{where}: timeouts, ages and max_in_flight must be positive")
         endpoints.append(endpoint)
     names = [e.name for e in endpoints]
     if len(set(names)) != len(names):
@@ -269,9 +311,8 @@ def _webhooks(value: Any, origin: str) -> tuple[Endpoint, ...]:
     return tuple(endpoints)
 
 
-def _format(table: dict[str, Any], secrets: tuple[str, ...], events: list[str] | None, where: str) -> str:
+def _format(format_: str, secrets: tuple[str, ...], events: list[str] | None, where: str) -> str:
     """The endpoint's format, checked against its secrets and events."""
-    format_ = table.get("format", STANDARD)
     if format_ not in FORMATS:
         raise ConfigError(f"{where}: format {format_!r}: choose {' or '.join(FORMATS)}")
     for secret in secrets:
@@ -283,4 +324,4 @@ def _format(table: dict[str, Any], secrets: tuple[str, ...], events: list[str] |
                               "(rotate by changing it here and at the receiver together)")
         if events is not None and not set(events) & AGENTCTL_TYPES:
             raise ConfigError(f"{where}: format \"agentctl\" sends session.stopped only; events {events} would send nothing")
-    return str(format_)
+    return format_

@@ -31,7 +31,7 @@ from monitor import reconcile
 from monitor.actions import Actions
 from monitor.clock import Clock, SystemClock
 from monitor.committer import Committer, Rows, Work
-from monitor.errors import MonitorError
+from monitor.errors import AccessDenied, MonitorError, NoSuchProcess
 from monitor.events import RELIST, Event, Exited, Forked, Overrun, SessionStopped, Transition
 from monitor.fuses import DirFuse, FuseTable
 from monitor.hooks import HOOK_TIMEOUT_S
@@ -73,12 +73,18 @@ class AlreadyFollowed(MonitorError):
 
 
 def process_cwd(pid: int) -> str:
+    """Its working directory; NoSuchProcess once it has exited (a zombie has none left)."""
     try:
         return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         import psutil
 
-        return str(psutil.Process(pid).cwd())
+        try:
+            return str(psutil.Process(pid).cwd())
+        except psutil.NoSuchProcess as err:  # ZombieProcess too: it exited while we looked
+            raise NoSuchProcess(pid, f"process {pid} has exited") from err
+        except psutil.AccessDenied as err:
+            raise AccessDenied(f"cannot read the working directory of process {pid}") from err
 
 
 def process_argv(pid: int) -> list[str]:
@@ -255,8 +261,12 @@ class Engine:
     def _receive(self, event: Event) -> None:
         if self._buffer is not None:
             self._buffer.append(event)  # still loading: applied once the state is verified
-        else:
+            return
+        try:
             self._on_event(event)
+        except Exception:  # a bug here must not stop the source's reading: the relist finds what it missed
+            log.exception("applying %s failed", event)
+            self._next_relist = 0.0
 
     def _on_event(self, event: Event) -> None:
         now, wall = self.clock.monotonic(), self.clock.wall()
@@ -404,10 +414,10 @@ class Engine:
         self._next_relist = self.clock.monotonic() + self.relist_interval_s
         while True:
             now = self.clock.monotonic()
-            if now >= self._next_relist:
-                self.relist()
-                self._next_relist = now + self.relist_interval_s
             try:
+                if now >= self._next_relist:
+                    self._next_relist = now + self.relist_interval_s
+                    self.relist()
                 self.tick()
             except Exception:
                 log.exception("a timer step failed; going on")
@@ -482,7 +492,10 @@ class Engine:
         if followed is not None:
             raise AlreadyFollowed(f"process {key.pid} is already followed by session {followed.id}")
         now, wall = self.clock.monotonic(), self.clock.wall()
-        directory = os.path.realpath(cwd or process_cwd(key.pid))
+        try:
+            directory = os.path.realpath(cwd or process_cwd(key.pid))
+        except NoSuchProcess:
+            raise AlreadyDead(key) from None  # it exited while being attached
         session = Session(
             id=session_id or new_session_id(), key=key, cwd=directory,
             argv=argv if argv is not None else process_argv(key.pid), labels=dict(labels or {}), policy=policy,

@@ -158,7 +158,20 @@ async def recover_launches(engine: Engine, rebuilt: bool) -> list[str]:
             log.error("could not recover launched session %s: %s", launch.session_id, err)
             continue
         recovered.append(launch.session_id)
+    forget_strays(engine)
     return recovered
+
+
+def forget_strays(engine: Engine) -> None:
+    """Start and exit files of no session and no launch: left by a wrapper that wrote them after
+    its launch was forgotten (a launch cut short ends a moment later), or by a crash between a
+    stop's commit and their removal."""
+    if engine.exit_dir is None or not engine.exit_dir.is_dir():
+        return
+    for path in [*engine.exit_dir.glob("*.start"), *engine.exit_dir.glob("*.exit")]:
+        session_id = path.name.rsplit(".", 1)[0]
+        if session_id not in engine.tracker.sessions and not path.with_suffix(".launch").exists():
+            path.unlink(missing_ok=True)
 
 
 def forget(engine: Engine, launch: LaunchFiles) -> None:

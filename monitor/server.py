@@ -1,24 +1,29 @@
 """The daemon's Unix-socket API: peer credentials, authorization, limits, dispatch.
 
 Every connection's peer is taken from SO_PEERCRED (the kernel's word, not the
-client's). Root may do anything; another uid sees everything, but stops, unlocks
-and cancels only what it created, and attaches only processes it owns. PIDs 0
-and 1 and the daemon's own are refused. A bad request gets an error answer with a
-stable code and the connection (and every other client) goes on being served.
+client's). Every request's params are checked against the method's declared schema
+(monitor.protocol) before a handler sees them. Root may do anything; another uid sees
+everything, but stops, unlocks and cancels only what it created, attaches only
+processes it owns, and locks, sets a fuse on or launches in a directory only where it
+could itself (checked as that uid: monitor.access). PIDs 0 and 1 and the daemon's own
+are refused, and a PID from a client in another PID namespace is translated to ours
+(monitor.pidns). A bad request gets an error answer with a stable code and the
+connection (and every other client) goes on being served; a bug is one `internal`
+answer and one log line that share a request id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
 import os
-import signal
+import resource
+import secrets
 import socket
 import stat
-import struct
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,14 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from monitor import __version__
-from monitor.engine import AlreadyDead, AlreadyFollowed, Engine
+from monitor.access import can_access
+from monitor.engine import AlreadyDead, AlreadyFollowed, Engine, process_cwd
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess, StorageError
-from monitor.events import TRANSITION_TYPES
 from monitor.fuses import NoFuse
 from monitor.identity import read_stat
 from monitor.launcher import Launcher, LaunchFailed
 from monitor.locks import LockHeld, NotLocked
 from monitor.metrics import Metrics
+from monitor.pidns import ForeignNamespace, translate
 from monitor.protocol import (
     BAD_REQUEST,
     CONFLICT,
@@ -44,23 +50,40 @@ from monitor.protocol import (
     NOT_FOUND,
     PROTOCOL_VERSION,
     STORAGE,
+    UNAVAILABLE,
+    AttachParams,
+    DirectoryParams,
+    FuseExtendParams,
+    FuseSetParams,
+    LaunchParams,
+    ListParams,
+    LockParams,
+    NoParams,
     ProtocolError,
     Request,
+    SessionParams,
+    StopParams,
+    SubscribeParams,
+    WebhookEnableParams,
+    WebhookListParams,
+    WebhookRetryParams,
+    decode_params,
     decode_request,
     encode,
     error,
-    param,
     result,
 )
 from monitor.store import Record
 from monitor.tracker import Session, UnknownSession
+from monitor.trust import check_directory, peer_credentials
 from monitor.webhooks import UnknownDelivery, Webhooks
 
 log = logging.getLogger(__name__)
 
-SO_PEERCRED_FORMAT = struct.Struct("3i")  # struct ucred: pid, uid, gid
 DEFAULT_SUBSCRIBER_BUFFER = 10_000  # events a subscriber may fall behind before it is cut off
 CUT_OFF_GRACE_S = 2.0
+CHECKS_AT_ONCE = 8  # as-user access checks (a child process each) running at once
+FD_HEADROOM = 256  # open files besides connections: the store, the sources, pidfds, logs
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +99,7 @@ class Peer:
 
 def peer_of(sock: socket.socket) -> Peer:
     """Who is at the other end, in the kernel's words (credentials as of connect())."""
-    if sys.platform != "linux":
-        raise MonitorError("peer credentials are read with SO_PEERCRED, which needs Linux")
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, SO_PEERCRED_FORMAT.size)
-    pid, uid, gid = SO_PEERCRED_FORMAT.unpack(creds)
-    return Peer(pid, uid, gid)
+    return Peer(*peer_credentials(sock))
 
 
 def process_uid(pid: int) -> int:
@@ -95,16 +114,17 @@ def process_uid(pid: int) -> int:
     raise AccessDenied(f"cannot read the owner of process {pid}")
 
 
-def _seconds(params: dict[str, Any], name: str) -> float | None:
-    value = param(params, name, (int, float), None)
-    if value is not None and value <= 0:
-        raise ProtocolError(BAD_REQUEST, f"parameter {name!r} must be positive")
-    return None if value is None else float(value)
+def request_id() -> str:
+    """A short id that ties an `internal` answer to the daemon's log line about it."""
+    return secrets.token_hex(4)
 
 
-def _hooks(params: dict[str, Any]) -> dict[str, str | None]:
-    """A session's own hooks: shell commands run as its owner (the peer), never as the daemon."""
-    return {"on_start": param(params, "on_start", str, None), "on_complete": param(params, "on_complete", str, None)}
+def internal(what: str, err: BaseException) -> str:
+    """Log an unexpected failure once (its traceback at DEBUG); the answer's message."""
+    rid = request_id()
+    log.error("request %s: %s failed: %s: %s", rid, what, type(err).__name__, err)
+    log.debug("request %s: traceback", rid, exc_info=err)
+    return f"internal (request {rid})"
 
 
 def monitors_own(pid: int, asking: int) -> bool:
@@ -118,7 +138,8 @@ def monitors_own(pid: int, asking: int) -> bool:
 
 
 class Api:
-    """The methods, each checked against the peer before it touches the engine."""
+    """The methods, each checked against the peer before it touches the engine. A handler
+    gets its params as the typed, checked struct that its method's schema declares."""
 
     def __init__(self, engine: Engine, started_at: float, launcher: Launcher | None = None, *,
                  webhooks: Webhooks | None = None, metrics: Metrics | None = None) -> None:
@@ -127,8 +148,9 @@ class Api:
         self.launcher = launcher
         self.webhooks = webhooks
         self.metrics = metrics
+        self._checks = asyncio.Semaphore(CHECKS_AT_ONCE)
         self.metrics_problem: str | None = None  # why the HTTP /metrics listener is not serving
-        self.methods: dict[str, Callable[[Peer, dict[str, Any]], Awaitable[Any]]] = {
+        self.methods: dict[str, Callable[[Peer, Any], Awaitable[Any]]] = {
             "hello": self.hello, "daemon.status": self.status,
             "session.attach": self.attach, "session.launch": self.launch,
             "session.list": self.list_sessions, "session.get": self.get,
@@ -143,17 +165,16 @@ class Api:
         method = self.methods.get(request.method)
         if method is None:
             raise ProtocolError(NOT_FOUND, f"unknown method {request.method!r}")
+        params = decode_params(request.method, request.params)
         try:
-            return await method(peer, request.params)
+            return await method(peer, params)
         except (UnknownSession, NoFuse, NotLocked, NoSuchProcess, UnknownDelivery) as err:
             raise ProtocolError(NOT_FOUND, str(err)) from None
         except LockHeld as err:
             raise ProtocolError(LOCK_HELD, str(err)) from None
-        except (AlreadyDead, AlreadyFollowed) as err:
+        except (AlreadyDead, AlreadyFollowed, LaunchFailed) as err:
             raise ProtocolError(CONFLICT, str(err)) from None
-        except LaunchFailed as err:
-            raise ProtocolError(CONFLICT, str(err)) from None
-        except AccessDenied as err:
+        except (AccessDenied, ForeignNamespace) as err:
             raise ProtocolError(FORBIDDEN, str(err)) from None
         except StorageError as err:
             raise ProtocolError(STORAGE, str(err)) from None
@@ -168,14 +189,23 @@ class Api:
         if not peer.root and owner_uid != peer.uid:
             raise self._deny(peer, f"{what} belongs to another user")
 
+    async def _may(self, peer: Peer, path: str, mode: int, refusal: str) -> None:
+        """The peer could itself `mode` (os.W_OK, os.X_OK) `path`, by the kernel's rule; root may."""
+        if peer.root:
+            return
+        async with self._checks:
+            allowed = await asyncio.to_thread(can_access, peer.uid, peer.gid, path, mode)
+        if not allowed:
+            raise self._deny(peer, f"{refusal}: uid {peer.uid} cannot {'write' if mode == os.W_OK else 'enter'} {path}")
+
     # -- methods ----------------------------------------------------------------------------
 
-    async def hello(self, peer: Peer, params: dict[str, Any]) -> Any:
+    async def hello(self, peer: Peer, params: NoParams) -> Any:
         source = self.engine.source.name if self.engine.source else None
         return {"protocol": PROTOCOL_VERSION, "version": __version__, "source": source, "pid": os.getpid(),
                 "peer": {"pid": peer.pid, "uid": peer.uid}}
 
-    async def status(self, peer: Peer, params: dict[str, Any]) -> Any:
+    async def status(self, peer: Peer, params: NoParams) -> Any:
         source = self.engine.source
         return {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started_at, 3),
                 "source": source.name if source else None, "source_stats": source.stats() if source else {},
@@ -183,65 +213,52 @@ class Api:
                 "fuses": len(self.engine.fuses.fuses), "state_db": str(self.engine.state_path),
                 "store": self.engine.store_failure or "ok", "metrics_problem": self.metrics_problem}
 
-    async def attach(self, peer: Peer, params: dict[str, Any]) -> Any:
-        pid = param(params, "pid", int, required=True)
+    async def attach(self, peer: Peer, p: AttachParams) -> Any:
+        pid = await asyncio.to_thread(translate, peer.pid, p.pid)  # the peer's PID namespace may not be ours
         if pid <= 1 or pid == os.getpid():
-            raise self._deny(peer, f"PID {pid} cannot be attached")
+            raise self._deny(peer, f"PID {p.pid} cannot be attached")
         if not peer.root and process_uid(pid) != peer.uid:
-            raise self._deny(peer, f"process {pid} belongs to another user")
-        labels = param(params, "labels", dict, {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-            raise ProtocolError(BAD_REQUEST, "labels map strings to strings")
-        policy = param(params, "policy", str, "root")
-        if policy not in ("root", "tree"):
-            raise ProtocolError(BAD_REQUEST, "policy is root or tree")
+            raise self._deny(peer, f"process {p.pid} belongs to another user")
+        cwd = p.cwd
+        if p.lock and not p.force and not peer.root:  # its lock is a lock like any other
+            if cwd is None:
+                try:
+                    cwd = os.path.realpath(await asyncio.to_thread(process_cwd, pid))
+                except NoSuchProcess:
+                    raise ProtocolError(CONFLICT, f"process {p.pid} has exited") from None
+            await self._may(peer, cwd, os.W_OK, "you may lock only a directory you can write (or attach with lock=false)")
         session = await self.engine.attach(
-            pid, cwd=param(params, "cwd", str, None), labels=labels, policy=policy, timeout_s=_seconds(params, "timeout_s"),
-            kill_on_timeout=param(params, "kill_on_timeout", bool, False), lock=param(params, "lock", bool, True),
-            force=param(params, "force", bool, False), owner_uid=peer.uid, **_hooks(params))
+            pid, cwd=cwd, labels=p.labels, policy=p.policy, timeout_s=p.timeout_s, kill_on_timeout=p.kill_on_timeout,
+            lock=p.lock, force=p.force, owner_uid=peer.uid, **p.hooks())
         return session.public()
 
-    async def launch(self, peer: Peer, params: dict[str, Any]) -> Any:
+    async def launch(self, peer: Peer, p: LaunchParams) -> Any:
         """Run a command as a session, as the peer's own uid (root's daemon), or refused."""
         if self.launcher is None:
-            raise ProtocolError("unavailable", "this daemon does not launch")
+            raise ProtocolError(UNAVAILABLE, "this daemon does not launch")
         if not peer.root and os.geteuid() != 0 and peer.uid != os.geteuid():
             raise self._deny(peer, "this daemon runs as another user and can launch only as itself")
-        argv = param(params, "argv", list, required=True)
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise ProtocolError(BAD_REQUEST, "argv is a non-empty list of strings")
-        env = param(params, "env", dict, {})
-        labels = param(params, "labels", dict, {})
-        for name, mapping in (("env", env), ("labels", labels)):
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-                raise ProtocolError(BAD_REQUEST, f"{name} maps strings to strings")
+        await self._may(peer, p.cwd, os.X_OK, "you may launch only in a directory you can enter")
+        if p.lock and not p.force:
+            await self._may(peer, p.cwd, os.W_OK, "you may lock only a directory you can write (or launch with lock=false)")
         session = await self.launcher.launch(
-            argv, cwd=param(params, "cwd", str, required=True), env=env, uid=peer.uid, gid=peer.gid, labels=labels,
-            policy="tree" if param(params, "tree", bool, False) else "root", timeout_s=_seconds(params, "timeout_s"),
-            kill_on_timeout=param(params, "kill_on_timeout", bool, False), lock=param(params, "lock", bool, True),
-            force=param(params, "force", bool, False), log=param(params, "log", str, None), **_hooks(params))
+            p.argv, cwd=p.cwd, env=p.env, uid=peer.uid, gid=peer.gid, labels=p.labels,
+            policy="tree" if p.tree else "root", timeout_s=p.timeout_s, kill_on_timeout=p.kill_on_timeout,
+            lock=p.lock, force=p.force, log=p.log, **p.hooks())
         return session.public()
 
-    async def list_sessions(self, peer: Peer, params: dict[str, Any]) -> Any:
-        include = param(params, "all", bool, False)
-        return [s.public() for s in sorted(self.engine.sessions(include_stopped=include), key=lambda s: s.started_at)]
+    async def list_sessions(self, peer: Peer, p: ListParams) -> Any:
+        return [s.public() for s in sorted(self.engine.sessions(include_stopped=p.all), key=lambda s: s.started_at)]
 
-    async def get(self, peer: Peer, params: dict[str, Any]) -> Any:
-        return self.engine.session(param(params, "id", str, required=True)).public()
+    async def get(self, peer: Peer, p: SessionParams) -> Any:
+        return self.engine.session(p.id).public()
 
-    async def stop(self, peer: Peer, params: dict[str, Any]) -> Any:
-        session = self.engine.session(param(params, "id", str, required=True))
+    async def stop(self, peer: Peer, p: StopParams) -> Any:
+        session = self.engine.session(p.id)
         self._own(peer, session.owner_uid, f"session {session.id}")
-        name = param(params, "signal", (str, int), "TERM")
-        try:
-            signum = int(name) if isinstance(name, int) else signal.Signals["SIG" + name.upper().removeprefix("SIG")].value
-        except KeyError:
-            raise ProtocolError(BAD_REQUEST, f"unknown signal {name!r}") from None
-        grace = _seconds(params, "grace_s") or 5.0
-        await self.engine.stop(session.id, signum, grace)
-        wait = param(params, "wait", bool, True)
-        if wait:  # report the death it saw, within the grace (and the KILL after it)
-            await self._stopped(session, grace + 5.0)
+        await self.engine.stop(session.id, p.signum, p.grace_s)
+        if p.wait:  # report the death it saw, within the grace (and the KILL after it)
+            await self._stopped(session, p.grace_s + 5.0)
         return session.public()
 
     async def _stopped(self, session: Session, timeout_s: float) -> None:
@@ -249,103 +266,91 @@ class Api:
         while session.state == "running" and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    async def children(self, peer: Peer, params: dict[str, Any]) -> Any:
-        session = self.engine.session(param(params, "id", str, required=True))
+    async def children(self, peer: Peer, p: SessionParams) -> Any:
+        session = self.engine.session(p.id)
         return {"children": [c.to_dict() for c in session.children.values()],
                 "blocking": [c.to_dict() for c in self.engine.blocking_children(session.id)]}
 
-    async def lock(self, peer: Peer, params: dict[str, Any]) -> Any:
-        lock = await self.engine.lock(param(params, "directory", str, required=True), by=param(params, "by", str, None),
-                                      reason=param(params, "reason", str, None), owner_uid=peer.uid)
+    async def lock(self, peer: Peer, p: LockParams) -> Any:
+        await self._may(peer, p.directory, os.W_OK, "you may lock only a directory you can write")
+        lock = await self.engine.lock(p.directory, by=p.by, reason=p.reason, owner_uid=peer.uid)
         return lock.public()
 
-    async def unlock(self, peer: Peer, params: dict[str, Any]) -> Any:
-        directory = os.path.realpath(param(params, "directory", str, required=True))
-        lock = self.engine.locks.locks.get(directory)
+    async def unlock(self, peer: Peer, p: DirectoryParams) -> Any:
+        lock = self.engine.locks.locks.get(p.directory)
         if lock is None:
-            raise NotLocked(directory)
-        self._own(peer, lock.owner_uid, f"the lock on {directory}")
-        await self.engine.unlock(directory)
+            raise NotLocked(p.directory)
+        self._own(peer, lock.owner_uid, f"the lock on {p.directory}")
+        await self.engine.unlock(p.directory)
         return lock.public()
 
-    async def locks(self, peer: Peer, params: dict[str, Any]) -> Any:
+    async def locks(self, peer: Peer, p: NoParams) -> Any:
         return [lock.public() for lock in sorted(self.engine.locks.locks.values(), key=lambda lk: lk.directory)]
 
-    async def who(self, peer: Peer, params: dict[str, Any]) -> Any:
-        found = await self.engine.who_uses(param(params, "directory", str, required=True))
-        return [p for p in found if not monitors_own(p["pid"], peer.pid)]
+    async def who(self, peer: Peer, p: DirectoryParams) -> Any:
+        found = await self.engine.who_uses(p.directory)
+        return [found_ for found_ in found if not monitors_own(found_["pid"], peer.pid)]
 
-    async def fuse_set(self, peer: Peer, params: dict[str, Any]) -> Any:
-        ttl = _seconds(params, "ttl_s")
-        if ttl is None:
-            raise ProtocolError(BAD_REQUEST, "missing parameter 'ttl_s'")
-        directory = os.path.realpath(param(params, "directory", str, required=True))
-        existing = self.engine.fuses.fuses.get(directory)
+    async def fuse_set(self, peer: Peer, p: FuseSetParams) -> Any:
+        existing = self.engine.fuses.fuses.get(p.directory)
         if existing is not None:
-            self._own(peer, existing.owner_uid, f"the fuse on {directory}")
-        fuse = await self.engine.fuse_set(directory, ttl, param(params, "action", str, None), owner_uid=peer.uid)
+            self._own(peer, existing.owner_uid, f"the fuse on {p.directory}")
+        await self._may(peer, p.directory, os.W_OK, "you may set a fuse only on a directory you can write")
+        fuse = await self.engine.fuse_set(p.directory, p.ttl_s, p.action, owner_uid=peer.uid)
         return fuse.to_dict()
 
-    async def fuse_extend(self, peer: Peer, params: dict[str, Any]) -> Any:
-        directory = os.path.realpath(param(params, "directory", str, required=True))
-        self._own(peer, self.engine.fuses.get(directory).owner_uid, f"the fuse on {directory}")
-        by = _seconds(params, "by_s")
-        if by is None:
-            raise ProtocolError(BAD_REQUEST, "missing parameter 'by_s'")
-        return (await self.engine.fuse_extend(directory, by)).to_dict()
+    async def fuse_extend(self, peer: Peer, p: FuseExtendParams) -> Any:
+        self._own(peer, self.engine.fuses.get(p.directory).owner_uid, f"the fuse on {p.directory}")
+        return (await self.engine.fuse_extend(p.directory, p.by_s)).to_dict()
 
-    async def fuse_cancel(self, peer: Peer, params: dict[str, Any]) -> Any:
-        directory = os.path.realpath(param(params, "directory", str, required=True))
-        self._own(peer, self.engine.fuses.get(directory).owner_uid, f"the fuse on {directory}")
-        return (await self.engine.fuse_cancel(directory)).to_dict()
+    async def fuse_cancel(self, peer: Peer, p: DirectoryParams) -> Any:
+        self._own(peer, self.engine.fuses.get(p.directory).owner_uid, f"the fuse on {p.directory}")
+        return (await self.engine.fuse_cancel(p.directory)).to_dict()
 
-    async def fuses(self, peer: Peer, params: dict[str, Any]) -> Any:
+    async def fuses(self, peer: Peer, p: NoParams) -> Any:
         return [f.to_dict() for f in sorted(self.engine.fuses.fuses.values(), key=lambda f: f.directory)]
 
-    async def render_metrics(self, peer: Peer, params: dict[str, Any]) -> Any:
+    async def render_metrics(self, peer: Peer, p: NoParams) -> Any:
         """The Prometheus text exposition, as of now."""
         if self.metrics is None:
-            raise ProtocolError("unavailable", "this daemon keeps no metrics")
+            raise ProtocolError(UNAVAILABLE, "this daemon keeps no metrics")
         self.metrics.refresh()
         return self.metrics.render()
 
     def _webhooks(self) -> Webhooks:
         if self.webhooks is None:
-            raise ProtocolError("unavailable", "this daemon sends no webhooks")
+            raise ProtocolError(UNAVAILABLE, "this daemon sends no webhooks")
         return self.webhooks
 
-    async def webhook_list(self, peer: Peer, params: dict[str, Any]) -> Any:
+    async def webhook_list(self, peer: Peer, p: WebhookListParams) -> Any:
         """Endpoints (never their secrets) and the latest deliveries, or only the failed ones."""
         webhooks = self._webhooks()
-        limit = param(params, "limit", int, 100)
-        if not 1 <= limit <= 10_000:
-            raise ProtocolError(BAD_REQUEST, "limit is 1 to 10000")
-        return {"endpoints": webhooks.status(),
-                "deliveries": await webhooks.deliveries(failed_only=param(params, "failed", bool, False), limit=limit)}
+        return {"endpoints": webhooks.status(), "deliveries": await webhooks.deliveries(failed_only=p.failed, limit=p.limit)}
 
     def _administrator(self, peer: Peer, what: str) -> None:
         """Webhooks are the config's, so their administration is root's (or the daemon user's)."""
         if not peer.root and peer.uid != os.geteuid():
             raise self._deny(peer, f"{what} is for root")
 
-    async def webhook_retry(self, peer: Peer, params: dict[str, Any]) -> Any:
+    async def webhook_retry(self, peer: Peer, p: WebhookRetryParams) -> Any:
         self._administrator(peer, "retrying a webhook delivery")
-        return await self._webhooks().retry(param(params, "id", int, required=True))
+        return await self._webhooks().retry(p.id)
 
-    async def webhook_enable(self, peer: Peer, params: dict[str, Any]) -> Any:
+    async def webhook_enable(self, peer: Peer, p: WebhookEnableParams) -> Any:
         self._administrator(peer, "enabling a webhook endpoint")
-        return self._webhooks().enable(param(params, "name", str, required=True))
+        return self._webhooks().enable(p.name)
 
 
 class Server:
-    """asyncio Unix-socket server: one task per connection, bounded in number and idle time."""
+    """asyncio Unix-socket server: one task per connection, bounded in number (fairly, per uid)
+    and in the time a request line may take to arrive."""
 
     def __init__(self, api: Api, path: Path, *, max_connections: int = 256, idle_timeout_s: float = 600.0,
                  subscriber_buffer: int = DEFAULT_SUBSCRIBER_BUFFER) -> None:
         self.api = api
         self.path = path
-        self.max_connections = max_connections
-        self.idle_timeout_s = idle_timeout_s
+        self.slots = Slots(max_connections)
+        self.line_timeout_s = idle_timeout_s  # the config's name for it: see _requests
         self.subscriber_buffer = subscriber_buffer
         self.dropped_subscribers = 0
         self.on_drop: Callable[[], None] | None = None  # told of each subscriber cut off (metrics)
@@ -359,6 +364,7 @@ class Server:
         return len(self._subscribers)
 
     async def start(self) -> None:
+        ensure_open_files(self.slots.total + FD_HEADROOM, "max_connections")
         sock = bind_socket(self.path)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_FRAME_BYTES + 1)
 
@@ -395,16 +401,24 @@ class Server:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        peer: Peer | None = None
         try:
-            if len(self._connections) > self.max_connections:
-                writer.write(error(None, "unavailable", f"too many connections (at most {self.max_connections})"))
+            peer = peer_of(writer.get_extra_info("socket"))
+            refusal = self.slots.take(peer.uid)
+            if refusal is not None:
+                peer = None  # holds no slot
+                writer.write(error(None, UNAVAILABLE, refusal))
                 await writer.drain()
                 return
-            peer = peer_of(writer.get_extra_info("socket"))
             await self._requests(peer, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception as err:  # a bug: this connection ends, the daemon and the others go on
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                writer.write(error(None, INTERNAL, internal("a connection", err)))
         finally:
+            if peer is not None:
+                self.slots.give_back(peer.uid)
             self._connections.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
@@ -413,7 +427,10 @@ class Server:
     async def _requests(self, peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                async with asyncio.timeout(self.idle_timeout_s):  # no task per request, unlike wait_for
+                # A deadline per request line, from the end of the last answer: a client that
+                # sends nothing, or a byte now and then, is closed when it passes (whatever
+                # it sent). Not reset by traffic, so trickling cannot hold a slot for longer.
+                async with asyncio.timeout(self.line_timeout_s):  # no task per request, unlike wait_for
                     line = await reader.readuntil(b"\n")
             except TimeoutError:
                 return
@@ -444,8 +461,7 @@ class Server:
             except MonitorError as err:
                 answer = error(request.id, BAD_REQUEST, str(err))
             except Exception as err:
-                log.exception("method %s failed", request.method)
-                answer = error(request.id, INTERNAL, f"{type(err).__name__}: {err}")
+                answer = error(request.id, INTERNAL, internal(request.method, err))
             writer.write(answer)
             await writer.drain()
 
@@ -455,13 +471,9 @@ class Server:
         Registered before the backlog is read, so nothing committed in between is missed;
         what both the backlog and the live feed carry goes out once (by id)."""
         try:
-            types = param(request.params, "types", list, None)
-            if types is not None and not all(t in TRANSITION_TYPES for t in types):
-                raise ProtocolError(BAD_REQUEST, f"types is a list of event types: {', '.join(TRANSITION_TYPES)}")
-            session = param(request.params, "session", str, None)
-            since = param(request.params, "since", int, None)
-            if since is not None and since < 0:
-                raise ProtocolError(BAD_REQUEST, "since is an event id (0: from the oldest kept)")
+            params = decode_params(request.method, request.params)
+            assert isinstance(params, SubscribeParams)
+            session = params.session
             if session is not None:  # a session nobody knows would be waited on for ever
                 try:
                     session = self.api.engine.session(session).id
@@ -471,7 +483,8 @@ class Server:
             writer.write(error(request.id, err.code, err.message))
             await writer.drain()
             return
-        subscriber = Subscriber(writer, request.id, types, session, self.subscriber_buffer)
+        since = params.since
+        subscriber = Subscriber(writer, request.id, params.types, session, self.subscriber_buffer)
         self._subscribers.add(subscriber)
         try:
             last = await self.api.engine.last_event_id()
@@ -497,6 +510,44 @@ class Server:
                     await subscriber.send(live)
         finally:
             self._subscribers.discard(subscriber)
+
+
+class Slots:
+    """Connection slots, shared fairly between uids.
+
+    Each uid other than root and the daemon's own may hold at most `per_uid` connections
+    (a quarter of what is left after the reserve), and only while the general pool lasts;
+    the last `reserve` slots (an eighth) go only to root, the daemon's uid, and a uid's
+    first connection. So one user's flood of idle or trickling connections leaves room
+    for root and for every other user to be served.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.reserve = min(max(1, total // 8), total - 1)
+        self.per_uid = max(1, (total - self.reserve) // 4)
+        self.held: collections.Counter[int] = collections.Counter()
+        self.used = 0
+
+    def take(self, uid: int) -> str | None:
+        """Take a slot for a connection of `uid`: None, or why not."""
+        if self.used >= self.total:
+            return f"too many connections (at most {self.total})"
+        privileged = uid == 0 or uid == os.geteuid()
+        if not privileged and self.held[uid] > 0:
+            if self.held[uid] >= self.per_uid:
+                return f"too many connections from uid {uid} (at most {self.per_uid} each)"
+            if self.used >= self.total - self.reserve:
+                return f"too many connections (the last {self.reserve} are kept for root and for new users)"
+        self.held[uid] += 1
+        self.used += 1
+        return None
+
+    def give_back(self, uid: int) -> None:
+        self.used -= 1
+        self.held[uid] -= 1
+        if not self.held[uid]:
+            del self.held[uid]
 
 
 class Subscriber:
@@ -547,15 +598,45 @@ class Subscriber:
         asyncio.get_running_loop().call_later(CUT_OFF_GRACE_S, transport.abort)
 
 
+def ensure_open_files(needed: int, setting: str) -> None:
+    """Lift the soft limit on open files to `needed` (up to the hard limit), or say which
+    setting asks for more than the process may open: a daemon out of descriptors stops
+    accepting anyone (asyncio backs off accept() on EMFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed or soft == resource.RLIM_INFINITY:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return
+    raise MonitorError(f"{setting} needs {needed} open files, more than RLIMIT_NOFILE allows ({hard}): "
+                       f"lower {setting} or raise the limit (LimitNOFILE= under systemd)")
+
+
+def runtime_directory(directory: Path) -> None:
+    """The socket's directory, made by the daemon itself: root's and 0755 for the system
+    daemon (every user may reach the socket), the user's and 0700 for a user's. One that
+    exists must already be ours and writable by no one else, and so must every directory
+    above it (or be sticky): whoever could write there could swap in their own socket."""
+    euid = os.geteuid()
+    mode = 0o755 if euid == 0 else 0o700
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(directory, mode)
+        os.chmod(directory, mode)  # exactly: the umask may have cut it
+    except FileExistsError:
+        pass
+    check_directory(directory, frozenset({0, euid}), owner=euid)
+
+
 def bind_socket(path: Path) -> socket.socket:
     """A listening Unix socket at `path`, safely.
 
-    A symlink there is refused (it could point anywhere); a socket there is replaced
-    only when no daemon answers on it; anything else there is refused. The socket is
-    bound under a umask that leaves no moment with wider permissions than intended,
-    in a directory only we can write to.
+    The directory is the daemon's own (runtime_directory). A symlink at the path is refused
+    (it could point anywhere); a socket there is replaced only when no daemon answers on it;
+    anything else there is refused. The socket is bound under a umask that leaves no moment
+    with wider permissions than intended.
     """
-    path.parent.mkdir(mode=0o755 if os.geteuid() == 0 else 0o700, parents=True, exist_ok=True)
+    runtime_directory(path.parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:

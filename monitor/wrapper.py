@@ -101,6 +101,7 @@ def start_command(command: list[str], args: argparse.Namespace, status_w: int) -
             os.setuid(args.user)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
+        os.write(status_w, b"s")  # set up: in its cgroup and group, as the user; the key may be given out
         if args.go_fd is not None and not wait_for_go(args.go_fd):
             os.write(status_w, b"n")  # the daemon never registered it: it must not run
             os._exit(NOT_STARTED)
@@ -143,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    set_up = read_start_status(status_r) == b"s"
     try:
-        key: ProcessKey | None = ProcessKey.of(pid)
+        key: ProcessKey | None = ProcessKey.of(pid) if set_up else None
     except MonitorError:
         key = None  # it ended at once; its status is still ours to reap
     if key is not None:
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.write(args.ready_fd, json.dumps({"key": key.to_dict() if key else None}).encode() + b"\n")
         os.close(args.ready_fd)
-    ran = read_start_status(status_r) != b"n"
+    ran = set_up and read_start_status(status_r) != b"n"
+    os.close(status_r)
     status = reap_until(pid)
     if key is not None:
         write_atomically(args.exit_dir / f"{args.id}.exit",
@@ -162,15 +165,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def read_start_status(status_r: int) -> bytes:
-    """b"" once the command was exec'd, b"n" when it never got its go, b"e" when exec failed."""
+    """What the command's process says of its start: b"s" once set up, then b"" once it exec'd,
+    b"n" when it never got its go, b"e" when its set-up or exec failed."""
     while True:
         try:
-            data = os.read(status_r, 1)
-            break
+            return os.read(status_r, 1)
         except InterruptedError:
             continue
-    os.close(status_r)
-    return data
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -207,3 +208,21 @@ def compile_c(tmp_path_factory: pytest.TempPathFactory, name: str, source: str, 
     exe = directory / name
     subprocess.run([cc, "-O2", "-o", str(exe), str(src), *flags], check=True)
     return exe
+
+
+@contextlib.contextmanager
+def store_refuses(engine: Any) -> Iterator[None]:
+    """Every commit of the engine's store fails, as on a full disk, until the block ends."""
+    from monitor.errors import StorageError
+
+    store = engine._store
+    assert store is not None
+
+    def full(batch: object) -> None:
+        raise StorageError("disk full", "database or disk is full")
+
+    store.commit = full
+    try:
+        yield
+    finally:
+        del store.commit  # the class's own again

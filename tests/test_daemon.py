@@ -87,6 +87,7 @@ def test_hello_and_a_session_lifecycle(daemon: Daemon, procs: Procs, tmp_path: P
         session = client.call("session.attach", pid=target.pid, labels={"adapter": "x"})
         assert (session["pid"], session["cwd"], session["state"], session["labels"]) == (target.pid, str(work), "running", {"adapter": "x"})
         assert [lk["directory"] for lk in client.call("lock.list")] == [str(work)]
+        (work / "sub").mkdir()
         with pytest.raises(ProtocolError) as held:
             client.call("lock.acquire", directory=str(work / "sub"), by="ci")
         assert held.value.code == "lock_held" and f"process {target.pid}" in held.value.message
@@ -150,6 +151,8 @@ def test_another_uid_acts_only_on_what_it_owns(daemon: Daemon, procs: Procs, pub
     mine, theirs = public_dir / "root-repo", public_dir / "nobody-repo"
     mine.mkdir()
     theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)  # its own directory, which its session may lock
+    (public_dir / "manual").mkdir()
     root_proc = procs.spawn("sleep", "60", cwd=mine)
     nobody_proc = procs.spawn("sleep", "60", cwd=theirs, user=NOBODY, group=NOBODY)
     with daemon.client() as client:

@@ -123,6 +123,8 @@ def test_kill_9_at_random_points_of_a_launch_leaves_no_untracked_command(procs: 
             assert all(lk["pid"] in running for lk in locks), f"a lock no running command holds: {locks}"
             assert sorted(lk["directory"] for lk in locks) == sorted(s["cwd"] for s in running.values())
             launched = max(launched, len(running))
+            # a launch record outlives its restart only as a running session's
+            assert {p.stem for p in (state / "exits").glob("*.launch")} <= {s["id"] for s in running.values()}
         assert launched > 0, "no launch got through: the kills all came too early to test anything"
     finally:
         stop_all(daemon)
@@ -206,6 +208,7 @@ def test_a_full_disk_leaves_nothing_phantom_and_heals_by_itself(procs: Procs, pu
             attached.wait()
             wait_for(lambda: client.call("session.get", id=session["id"])["state"] == "stopped")
             assert status(daemon)["store"] != "ok"
+            assert "store FAILING: state store: disk full" in cli(daemon, "daemon", "status").stdout
         filler.unlink()
         wait_for(lambda: status(daemon)["store"] == "ok")
         with daemon.client() as client:
@@ -219,3 +222,39 @@ def test_a_full_disk_leaves_nothing_phantom_and_heals_by_itself(procs: Procs, pu
         stop_all(daemon)
         daemon.proc.terminate()
         daemon.proc.wait(10)
+
+
+@pytest.mark.parametrize("target", ["group", "wrapper"])
+def test_a_users_command_killed_while_the_daemon_is_down_reads_killed_not_lost(procs: Procs, public_dir: Path,  # noqa: F811
+                                                                                tmp_path: Path, reaper: None,
+                                                                                target: str) -> None:
+    """The wrapper writes the exit file whatever signal reaches the command's process group (or
+    itself), for any user: the restart then knows how the command died."""
+    from test_daemon import NOBODY, _as_nobody
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to launch as a second uid")
+    work = public_dir / "nobody-work"
+    work.mkdir()
+    work.chmod(0o777)
+    sock, state = public_dir / "run" / "monitor.sock", tmp_path / "state"
+    daemon = restart(procs, None, sock, state)
+    answers = _as_nobody(sock, [{"method": "session.launch", "params": {
+        "argv": ["sleep", "60"], "cwd": str(work), "env": {"PATH": os.environ["PATH"]}}}])
+    session = answers[0]["result"]
+    assert psutil.Process(session["pid"]).uids().real == NOBODY
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    wrapper = psutil.Process(session["pid"]).ppid()
+    if target == "group":
+        os.killpg(session["pid"], signal.SIGTERM)
+    else:
+        os.kill(wrapper, signal.SIGTERM)  # forwarded to the command's group
+    exit_file = state / "exits" / f"{session['id']}.exit"
+    wait_for(exit_file.exists)
+    daemon = restart(procs, None, sock, state)
+    with daemon.client() as client:
+        stopped = client.call("session.get", id=session["id"])
+    assert (stopped["state"], stopped["reason"], stopped["signal"], stopped["evidence"]) == ("stopped", "exited", 15, "exit_file")
+    daemon.proc.terminate()
+    daemon.proc.wait(10)

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from conftest import arun
+from conftest import arun, store_refuses
 
 from monitor.clock import FakeClock
 from monitor.engine import AlreadyDead, Engine
@@ -446,25 +446,19 @@ def test_a_refused_commit_undoes_the_request_and_keeps_the_kernels_news(tmp_path
         fuse_dir = r.dir("fused")
         store = r.engine._store
         assert store is not None
-        real_commit = store.commit
-
-        def full(batch: object) -> None:
-            raise StorageError("disk full", "database or disk is full")
-
-        store.commit = full  # type: ignore[method-assign]
-        with pytest.raises(StorageError):
-            await r.engine.lock(r.dir("a"), by="ci")
-        with pytest.raises(StorageError):
-            await r.engine.fuse_set(fuse_dir, 60.0)
-        with pytest.raises(StorageError):
-            await r.engine.register(fake_key(), cwd=r.dir("b"), argv=[])
-        assert list(r.engine.locks.locks) == [r.dir("busy")] and r.engine.fuses.fuses == {}
-        assert [s.id for s in r.engine.sessions()] == [sid]
-        r.source.exit(key, exit_code=3)
-        await asyncio.sleep(0)
-        assert r.engine.session(sid).state == "stopped" and r.engine.locks.locks == {}
-        assert r.engine.store_failure is not None and "disk full" in r.engine.store_failure
-        store.commit = real_commit  # type: ignore[method-assign]
+        with store_refuses(r.engine):
+            with pytest.raises(StorageError):
+                await r.engine.lock(r.dir("a"), by="ci")
+            with pytest.raises(StorageError):
+                await r.engine.fuse_set(fuse_dir, 60.0)
+            with pytest.raises(StorageError):
+                await r.engine.register(fake_key(), cwd=r.dir("b"), argv=[])
+            assert list(r.engine.locks.locks) == [r.dir("busy")] and r.engine.fuses.fuses == {}
+            assert [s.id for s in r.engine.sessions()] == [sid]
+            r.source.exit(key, exit_code=3)
+            await asyncio.sleep(0)
+            assert r.engine.session(sid).state == "stopped" and r.engine.locks.locks == {}
+            assert r.engine.store_failure is not None and "disk full" in r.engine.store_failure
         await asyncio.wait_for(r.engine.flush(), 10)
         assert r.engine.store_failure is None
         sessions, locks, fuses = store.load()

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from conftest import store_refuses
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -164,38 +165,24 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(d=st.sampled_from(DIRS), what=st.sampled_from(["lock", "attach", "fuse", "unlock", "stop"]))
     def a_request_the_store_refuses(self, d: str, what: str) -> None:
         """The store refuses the commit (a full disk): the request fails and nothing of it stays."""
-        store = self.engine._store
-        assert store is not None
-        real = store.commit
-
-        def full(batch: object) -> None:
-            raise StorageError("disk full", "database or disk is full")
-
-        store.commit = full  # type: ignore[method-assign]
-        try:
-            request: Any
-            if what == "lock":
-                request = self.engine.lock(self.path(d), by="model")
-            elif what == "attach":
-                key = ProcessKey(next(_pids), 1, boot_id())
-                request = self.engine.register(key, cwd=self.path(d), argv=[], session_id=f"s{key.pid}")
-            elif what == "fuse":
-                request = self.engine.fuse_set(self.path(d), 10.0, None)
-            elif what == "unlock" and self.manual:
-                request = self.engine.unlock(self.path(sorted(self.manual)[0]))
-            elif what == "stop" and self.running:
-                request = self.engine.stop(sorted(self.running)[0], grace_s=1.0)
-            else:
-                return
+        requests = {
+            "lock": lambda: self.engine.lock(self.path(d), by="model"),
+            "attach": lambda: self.engine.register(ProcessKey(next(_pids), 1, boot_id()), cwd=self.path(d), argv=[]),
+            "fuse": lambda: self.engine.fuse_set(self.path(d), 10.0, None),
+            "unlock": lambda: self.engine.unlock(self.path(sorted(self.manual)[0])) if self.manual else None,
+            "stop": lambda: self.engine.stop(sorted(self.running)[0], grace_s=1.0) if self.running else None,
+        }
+        request = requests[what]()
+        if request is None:
+            return
+        with store_refuses(self.engine):
             try:
                 self.loop.run_until_complete(request)
             except (StorageError, LockHeld):
                 pass
             else:
                 raise AssertionError("a request the store refused was answered as done")
-        finally:
-            store.commit = real  # type: ignore[method-assign]
-            self.run(self.engine.flush())
+        self.run(self.engine.flush())
 
     @rule()
     def restart(self) -> None:

@@ -45,6 +45,7 @@ def test_monitor_metrics_counts_what_happened_and_shows_the_state(start: Daemons
     with Client(d.socket) as client, Stream(d.socket, types=["session.stopped"]) as stops:
         gone = client.call("session.attach", pid=ending.pid)
         kept = client.call("session.attach", pid=staying.pid)
+        (tmp_path / "manual").mkdir()
         client.call("lock.acquire", directory=str(tmp_path / "manual"), by="test")
         ending.kill()
         ending.wait()

@@ -111,6 +111,7 @@ def start(procs: Procs, tmp_path: Path) -> Iterator[Daemons]:
 
 def lock_cycle(client: Client, directory: Path) -> None:
     """Two events: lock.acquired, lock.released."""
+    directory.mkdir(parents=True, exist_ok=True)
     client.call("lock.acquire", directory=str(directory), by="test")
     client.call("lock.release", directory=str(directory))
 
@@ -306,10 +307,11 @@ def test_the_cli_replays_what_came_after_since_as_json(start: Daemons, procs: Pr
 
 
 @pytest.mark.parametrize(("since", "message"), [
-    (-1, "since is an event id"),
-    ("3", "parameter 'since' must be int"),
-    (1.5, "parameter 'since' must be int"),
-    (True, "parameter 'since' must be a number"),
+    (-1, "since: Expected `int` >= 0"),
+    ("3", "since: Expected `int | null`, got `str`"),
+    (1.5, "since: Expected `int | null`, got `float`"),
+    (True, "since: Expected `int | null`, got `bool`"),
+    (2**63, "since: Expected `int` <= 9223372036854775807"),
     (1000, "since 1000 is after the last event (2)"),
 ])
 def test_a_bad_since_is_a_clear_error(start: Daemons, tmp_path: Path, since: Any, message: str) -> None:

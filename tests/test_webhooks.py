@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +55,9 @@ class Rig:
         self.config = tmp_path / "config.toml"
         self.config.write_text(toml)
         self.config.chmod(0o600)
-        self.socket = Path(f"/tmp/monitor-wh-{os.getpid()}-{id(self)}.sock")
+        # A short path (tmp_path is too long for sun_path) in a directory of root's alone:
+        # the daemon refuses a socket in a directory others may write, such as /tmp itself.
+        self.socket = Path(tempfile.mkdtemp(prefix="monitor-wh-")) / "monitor.sock"
         self.state = tmp_path / "state"
         self.daemon = self.start()
 
@@ -82,6 +85,7 @@ def rigs(procs: Procs, tmp_path: Path) -> Iterator[list[Rig]]:
     yield made
     for rig in made:
         rig.stop()
+        shutil.rmtree(rig.socket.parent, ignore_errors=True)
 
 
 def stopped_body(requests: list[Request], session_id: str) -> list[Request]:
