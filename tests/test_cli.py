@@ -121,7 +121,10 @@ def test_events_stream_every_process_and_end_on_sigint(procs: Procs) -> None:
     assert stream.stdout is not None
     lines = []
     for raw in stream.stdout:
-        lines.append(json.loads(raw))
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            raise AssertionError(repr(raw)) from None
         if lines[-1]["pid"] == child.pid:
             break
     stream.send_signal(signal.SIGINT)
@@ -286,6 +289,7 @@ def test_exit_codes_and_human_output_against_a_daemon(daemon: Daemon, procs: Pro
     assert attached.returncode == 0, attached.stderr
     again = monitor(*sock, "attach", str(target.pid), "--json")
     assert again.returncode == 5 and json.loads(again.stdout)["error"]["code"] == "conflict"  # it was bad_request (1)
+    (work / "sub").mkdir()
     held = monitor(*sock, "lock", str(work / "sub"))
     assert held.returncode == 5 and "by process" in held.stderr
     assert monitor(*sock, "status", "nosuch").returncode == 4
