@@ -1,4 +1,5 @@
-"""The `monitor` command line: one parser, one dispatch table, one place for errors, pipes and signals.
+"""The `monitor` command line (wait, events, doctor, the daemon's commands, fleet): one parser,
+one dispatch table, one place for errors, pipes and signals.
 
 Exit status, the same for every command (`wait` and `launch --wait` exit with the
 process's own status instead, and `wait` with 124 on timeout and 125 when no source
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TextIO
 
-from monitor import __version__
+from monitor import __version__, fleetcli
 from monitor.client import DaemonUnreachable, UntrustedSocket
 from monitor.errors import MonitorError, NoSuchProcess, SourceUnavailable
 from monitor.events import TRANSITION_TYPES, Event, Execed, Exited, Forked, Overrun
@@ -710,6 +711,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "lock": cmd_lock, "unlock": cmd_unlock, "locks": cmd_locks, "who": cmd_who, "metrics": cmd_metrics,
     "webhooks": cmd_webhooks,
     "fuse set": cmd_fuse_set, "fuse extend": cmd_fuse_extend, "fuse cancel": cmd_fuse_cancel, "fuse list": cmd_fuse_list,
+    **{f"fleet {name}": fleetcli.run for name in fleetcli.COMMANDS},
 }
 
 
@@ -953,6 +955,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(q)
     q = fuse_command("list", "every fuse")
     _add_json(q)
+
+    fleetcli.add_parser(command("fleet", "every host's sessions, locks and events, from NATS JetStream",
+                                "Read the fleet from NATS JetStream: what each daemon with a [nats] table publishes."),
+                        HelpFormatter, parse_duration, _types, _add_json)
     return parser
 
 
@@ -995,7 +1001,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(wants_json, f"{err.parser.prog}: {err}", "usage", str(err), EXIT_USAGE)
     configure_logging("info" if args.verbose else "error", "text")
     raise_fd_limit()
-    name = args.command + (f" {args.fuse_command}" if args.command == "fuse" else "")
+    sub = {"fuse": "fuse_command", "fleet": "fleet_command"}.get(args.command)
+    name = args.command + (f" {getattr(args, sub)}" if sub else "")
     return run(COMMANDS[name], args)
 
 
@@ -1015,7 +1022,7 @@ def run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     except UsageError as err:
         err.parser.print_usage(sys.stderr)
         return fail(args.json, f"{err.parser.prog}: {err}", "usage", str(err), EXIT_USAGE)
-    except DaemonUnreachable as err:
+    except (DaemonUnreachable, fleetcli.FleetUnreachable) as err:
         return fail(args.json, f"{where}: {err}", "unreachable", str(err), EXIT_UNREACHABLE)
     except UntrustedSocket as err:
         if args.command == "daemon" and args.action == "run":  # its own runtime directory: a start that failed

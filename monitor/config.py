@@ -6,15 +6,18 @@ $RUNTIME_DIRECTORY and $STATE_DIRECTORY win. Unknown keys are an error, not a ty
 that silently does nothing, and every value is checked against its declared type and
 range (msgspec, as the socket's params are): an interval is positive and finite, a
 buffer holds at least one event, a path or command holds no NUL byte; an error names
-the key. Webhook endpoints and global hooks come from the file
-only: it is root's (as root), and a URL or command is a privilege to grant.
+the key. Webhook endpoints, global hooks and `[nats]` come from
+the file only: it is root's (as root), and a URL or command is a privilege to grant.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
+import re
+import socket as socketlib
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -70,6 +73,59 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class NatsConfig:
+    """`[nats]`: where this daemon publishes its events and keeps its fleet state (JetStream)."""
+
+    servers: tuple[str, ...] = field(repr=False)  # nats://[user:password@]host:port; may hold a secret
+    host: str = ""  # this daemon's name in the fleet (default: the host name)
+    stream: str = "MONITOR"
+    subject_prefix: str = "monitor"
+    events: frozenset[str] | None = None  # None: every type
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    token: str | None = field(default=None, repr=False)
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    duplicate_window_s: float = 3600.0  # the stream's: a resend within it is dropped by Nats-Msg-Id
+    max_age_s: float = 30 * 24 * 3600.0  # the stream keeps events this long (0: until limits)
+    max_bytes: int = -1  # the stream's size limit (-1: none); the oldest go first
+    heartbeat_s: float = 10.0  # a host whose heartbeat is 3x this old shows as unreachable
+    timeout_s: float = 5.0  # to connect, and for each PubAck or key-value answer
+    retry_first_s: float = 0.5  # while NATS is unreachable: 2x backoff with jitter from here ...
+    retry_max_s: float = 30.0  # ... up to here
+
+    def secrets(self) -> list[str]:
+        """Every secret text in this table, so that an error message can be cleaned of them."""
+        found = [s for s in (self.token, self.password) if s]
+        for url in self.servers:
+            parts = urllib.parse.urlsplit(url)
+            found += [s for s in (parts.password, parts.username if parts.password is None else None) if s]
+        return found
+
+    def public(self) -> dict[str, Any]:
+        """What may be shown: servers without their user info, which credentials are used (not them)."""
+        auth = [name for name in ("creds_file", "nkey_seed_file", "token", "user", "tls_cert") if getattr(self, name)]
+        return {"servers": [redact_url(u) for u in self.servers], "host": self.host, "stream": self.stream,
+                "subject_prefix": self.subject_prefix, "events": sorted(self.events) if self.events is not None else None,
+                "auth": auth, "heartbeat_s": self.heartbeat_s}
+
+
+def redact_url(url: str) -> str:
+    """The URL without its user info (a token or a password may be written there)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = "***@" + host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     socket: Path
     state_dir: Path
@@ -86,6 +142,7 @@ class Config:
     metrics_listen: str | None = None  # HOST:PORT of an HTTP /metrics listener, e.g. 127.0.0.1:9464
     hooks: dict[str, str] = field(default_factory=dict)  # on_start / on_complete for every session
     webhooks: tuple[Endpoint, ...] = ()
+    nats: NatsConfig | None = None  # publishing and fleet state; None: this host keeps to itself
 
     @property
     def state_db(self) -> Path:
@@ -151,7 +208,7 @@ _SETTINGS: dict[str, Any] = {
     "hook_timeout_s": _DaySeconds, "metrics_listen": _Text,
 }
 _PATHS = ("socket", "state_dir")
-_FILE_ONLY = ("hooks", "webhooks")
+_FILE_ONLY = ("hooks", "webhooks", "nats")
 
 
 def _explain(err: msgspec.ValidationError) -> str:
@@ -191,6 +248,10 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] = os.e
             config = replace(config, webhooks=_webhooks(tables["webhooks"], str(file)))
             if file.stat().st_mode & 0o077:
                 log.warning("%s holds webhook secrets but others may read it: chmod 600 %s", file, file)
+        if "nats" in tables:
+            config = replace(config, nats=nats_config(tables["nats"], str(file)))
+            if config.nats is not None and config.nats.secrets() and file.stat().st_mode & 0o077:
+                log.warning("%s holds NATS credentials but others may read it: chmod 600 %s", file, file)
     from_env = {}
     for f in fields(Config):
         if f.name in _FILE_ONLY:
@@ -325,3 +386,63 @@ def _format(format_: str, secrets: tuple[str, ...], events: list[str] | None, wh
         if events is not None and not set(events) & AGENTCTL_TYPES:
             raise ConfigError(f"{where}: format \"agentctl\" sends session.stopped only; events {events} would send nothing")
     return format_
+
+
+_NATS_KEYS: dict[str, type | tuple[type, ...]] = {
+    "servers": (list, str), "host": str, "stream": str, "subject_prefix": str, "events": list, "creds_file": str,
+    "nkey_seed_file": str, "token": str, "user": str, "password": str, "tls_ca": str, "tls_cert": str, "tls_key": str,
+    "duplicate_window_s": (int, float), "max_age_s": (int, float), "max_bytes": int, "heartbeat_s": (int, float),
+    "timeout_s": (int, float), "retry_first_s": (int, float), "retry_max_s": (int, float)}
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a JetStream stream (and bucket) name, and one subject token
+
+
+def nats_config(value: Any, origin: str) -> NatsConfig | None:
+    """[nats]: checked whole at start-up. Without `servers` there is nothing to publish to: None."""
+    where = f"{origin}: [nats]"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} is a table")
+    for key, item in value.items():
+        kind = _NATS_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(_NATS_KEYS))})")
+        if not isinstance(item, kind) or (isinstance(item, bool) and kind is not bool):
+            raise ConfigError(f"{where}: {key} has the wrong type")
+    servers = value.get("servers")
+    if not servers:
+        return None
+    servers = (servers,) if isinstance(servers, str) else tuple(servers)
+    for url in servers:
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ConfigError(f"{where}: server {redact_url(url) if isinstance(url, str) else url!r} is not a nats:// or tls:// URL")
+    stream, prefix = value.get("stream", "MONITOR"), value.get("subject_prefix", "monitor")
+    if not _NAME.match(stream):
+        raise ConfigError(f"{where}: stream {stream!r} may hold only letters, digits, _ and -")
+    if not prefix or not all(_NAME.match(token) for token in prefix.split(".")):
+        raise ConfigError(f"{where}: subject_prefix {prefix!r} is dot-separated tokens of letters, digits, _ and - (no wildcards)")
+    events = value.get("events")
+    if events is not None:
+        unknown = set(events) - set(TRANSITION_TYPES)
+        if unknown or not events:
+            raise ConfigError(f"{where}: events {sorted(unknown) or events} (known: {', '.join(TRANSITION_TYPES)})")
+    if bool(value.get("user")) != bool(value.get("password")):
+        raise ConfigError(f"{where}: user and password go together")
+    if bool(value.get("tls_cert")) != bool(value.get("tls_key")):
+        raise ConfigError(f"{where}: tls_cert and tls_key go together")
+    for key in ("creds_file", "nkey_seed_file", "tls_ca", "tls_cert", "tls_key"):
+        if value.get(key) and not os.path.isfile(os.path.expanduser(value[key])):
+            raise ConfigError(f"{where}: {key} {value[key]!r} is not a file")
+    numbers: dict[str, Any] = {k: float(value[k]) for k in ("duplicate_window_s", "max_age_s", "heartbeat_s", "timeout_s",
+                                                             "retry_first_s", "retry_max_s") if k in value}
+    if "max_bytes" in value:
+        numbers["max_bytes"] = value["max_bytes"]
+    paths = {k: os.path.expanduser(value[k]) for k in ("creds_file", "nkey_seed_file", "tls_ca", "tls_cert", "tls_key") if value.get(k)}
+    config = NatsConfig(servers=servers, host=value.get("host") or socketlib.gethostname(), stream=stream, subject_prefix=prefix,
+                        events=frozenset(events) if events is not None else None, token=value.get("token"), user=value.get("user"),
+                        password=value.get("password"), **paths, **numbers)
+    intervals = (config.heartbeat_s, config.timeout_s, config.retry_first_s, config.retry_max_s, config.duplicate_window_s)
+    if not all(math.isfinite(x) and x > 0 for x in intervals) or not (math.isfinite(config.max_age_s) and config.max_age_s >= 0):
+        raise ConfigError(f"{where}: intervals, timeouts and the duplicate window must be positive and finite")
+    if config.max_age_s and config.duplicate_window_s > config.max_age_s:
+        raise ConfigError(f"{where}: duplicate_window_s ({config.duplicate_window_s:g}) cannot exceed max_age_s ({config.max_age_s:g})")
+    return config

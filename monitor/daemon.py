@@ -1,5 +1,5 @@
 """`monitor daemon`: the composition root. Config → engine (source, state) → socket server,
-webhooks, metrics.
+sinks (webhooks, NATS), fleet state, metrics.
 
 Foreground, asyncio, one instance per state directory. Tells systemd READY=1 only
 after the state is reconciled, WATCHDOG=1 from the event loop, STOPPING=1 on the
@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monitor.config import Config, ConfigError, listen_address, load_config
 from monitor.engine import Engine
@@ -28,6 +28,11 @@ from monitor.logs import configure_logging
 from monitor.metrics import Metrics, MetricsListener, by_label, engine_samples, is_loopback
 from monitor.server import Api, Server
 from monitor.webhooks import Webhooks
+
+if TYPE_CHECKING:
+    from monitor.fleet import FleetState
+    from monitor.jetstream import Link
+    from monitor.sinks.nats import NatsSink
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +110,17 @@ async def serve(config: Config, config_file: str | None = None) -> int:
         webhooks = Webhooks(config.webhooks, config.state_db, observer=metrics)
         engine.add_record_listener(lambda record: metrics.event(record.type))
         engine.add_record_listener(webhooks.offer)  # before the start: a stop found while down is sent too
+        link, sink, fleet = _fleet(config, engine, metrics)
         await engine.start()
         listener: MetricsListener | None = None
         try:
             await webhooks.start()
+            if link is not None and sink is not None and fleet is not None:
+                await sink.start()
+                fleet.start()
+                link.start()
             launcher = Launcher(engine, config.exit_dir, config.log_dir)
-            api = Api(engine, time.monotonic(), launcher, webhooks=webhooks, metrics=metrics)
+            api = Api(engine, time.monotonic(), launcher, webhooks=webhooks, metrics=metrics, nats=sink)
             server = Server(api, config.socket,
                             max_connections=config.max_connections, idle_timeout_s=config.idle_timeout_s,
                             subscriber_buffer=config.subscriber_buffer)
@@ -157,10 +167,38 @@ async def serve(config: Config, config_file: str | None = None) -> int:
             if listener is not None:
                 await asyncio.to_thread(listener.close)
             await webhooks.close()
+            if link is not None and sink is not None and fleet is not None:
+                await fleet.close()
+                await sink.close()
+                await link.close()
             await engine.close()
     finally:
         os.close(lock_fd)
     return status
+
+
+def _fleet(config: Config, engine: Engine, metrics: Metrics) -> tuple[Link | None, NatsSink | None, FleetState | None]:
+    """With [nats]: the link, the NATS sink and the fleet state, listening from before the
+    engine starts (so a stop found while down is published too)."""
+    if config.nats is None:
+        return None, None, None
+    from monitor.fleet import FleetState
+    from monitor.jetstream import Link
+    from monitor.sinks.nats import NatsSink
+
+    link = Link(config.nats)
+    sink = NatsSink(config.nats, config.state_db, link)
+    fleet = FleetState(config.nats, engine, link, extra=lambda: {"pending_events": sink.pending})
+    engine.add_record_listener(sink.offer)
+    engine.add_record_listener(fleet.offer)
+    metrics.add_state("nats", lambda: [
+        ("monitor_nats_connected", "gauge", {}, float(link.connected)),
+        ("monitor_nats_pending", "gauge", {}, sink.pending),
+        ("monitor_nats_lag_seconds", "gauge", {}, sink.lag_s()),
+        ("monitor_nats_published_total", "counter", {}, sink.published),
+        ("monitor_nats_duplicates_total", "counter", {}, sink.duplicates),
+        ("monitor_nats_failures_total", "counter", {}, link.failures)])
+    return link, sink, fleet
 
 
 async def _refresh(metrics: Metrics, interval_s: float) -> None:

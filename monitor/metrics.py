@@ -28,6 +28,12 @@ State, read at `refresh()` time by the readers given to `add_state` (see `STATE_
     monitor_source_overruns_total{source}      counter, times the kernel dropped events
     monitor_source_resyncs_total{source}       counter, re-checks of every watched process
     monitor_source_watched{source}             gauge, processes watched
+    monitor_nats_connected                     gauge, 1 while connected to NATS (with [nats])
+    monitor_nats_pending                       gauge, events in the log not yet published
+    monitor_nats_lag_seconds                   gauge, age of the oldest event waiting to be published
+    monitor_nats_published_total               counter, events published (PubAck received)
+    monitor_nats_duplicates_total              counter, of those, acknowledged as already in the stream
+    monitor_nats_failures_total                counter, failed connects and publishes or key-value writes
 
 A reader returns samples `(name, kind, labels, value)`: kind is "gauge" or "counter", and a
 counter's name ends in `_total` as it is exposed. One reader may return several families;
@@ -85,6 +91,12 @@ STATE_HELP: dict[str, str] = {
     "monitor_source_overruns_total": "Times the kernel dropped events for the event source (each followed by a resync).",
     "monitor_source_resyncs_total": "Times the event source re-checked every watched process.",
     "monitor_source_watched": "Processes the event source watches.",
+    "monitor_nats_connected": "1 while the daemon is connected to NATS, else 0.",
+    "monitor_nats_pending": "Events in the log not yet published to NATS JetStream.",
+    "monitor_nats_lag_seconds": "Age of the oldest event waiting to be published to NATS (0: none waits).",
+    "monitor_nats_published_total": "Events published to NATS JetStream (PubAck received).",
+    "monitor_nats_duplicates_total": "Events whose PubAck said the stream already had them (a resend).",
+    "monitor_nats_failures_total": "Failed NATS connects, and publishes or key-value writes that got no answer.",
 }
 
 _KINDS = ("gauge", "counter")

@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monitor import __version__
 from monitor.access import can_access
@@ -77,6 +77,9 @@ from monitor.store import Record
 from monitor.tracker import Session, UnknownSession
 from monitor.trust import check_directory, peer_credentials
 from monitor.webhooks import UnknownDelivery, Webhooks
+
+if TYPE_CHECKING:
+    from monitor.sinks.nats import NatsSink
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +145,9 @@ class Api:
     gets its params as the typed, checked struct that its method's schema declares."""
 
     def __init__(self, engine: Engine, started_at: float, launcher: Launcher | None = None, *,
-                 webhooks: Webhooks | None = None, metrics: Metrics | None = None) -> None:
+                 webhooks: Webhooks | None = None, metrics: Metrics | None = None, nats: NatsSink | None = None) -> None:
         self.engine = engine
+        self.nats = nats
         self.started_at = started_at
         self.launcher = launcher
         self.webhooks = webhooks
@@ -211,7 +215,8 @@ class Api:
                 "source": source.name if source else None, "source_stats": source.stats() if source else {},
                 "sessions_running": len(self.engine.sessions()), "locks": len(self.engine.locks.locks),
                 "fuses": len(self.engine.fuses.fuses), "state_db": str(self.engine.state_path),
-                "store": self.engine.store_failure or "ok", "metrics_problem": self.metrics_problem}
+                "store": self.engine.store_failure or "ok", "metrics_problem": self.metrics_problem,
+                "nats": self.nats.status() if self.nats is not None else None}
 
     async def attach(self, peer: Peer, p: AttachParams) -> Any:
         pid = await asyncio.to_thread(translate, peer.pid, p.pid)  # the peer's PID namespace may not be ours

@@ -8,7 +8,7 @@ each has a sequence number (the cursor a subscriber resumes from) and a stable i
 (the webhook-id of every delivery attempt), so delivery can be at-least-once and
 deduplicated downstream; a session has at most one `session.stopped` row, by a
 unique index. Webhook delivery keeps its progress in tables of its own, written
-by its own connection (`DeliveryStore`).
+by its own connection (`DeliveryStore`); so does every other sink (`CursorStore`).
 """
 
 from __future__ import annotations
@@ -66,6 +66,10 @@ MIGRATIONS = [
     );
     CREATE INDEX webhook_deliveries_pending ON webhook_deliveries(endpoint) WHERE state = 'pending';
     CREATE INDEX outbox_by_time ON outbox(created_at);
+    """,
+    # 4: each sink's cursor in the outbox (NATS): every event at or below it is delivered or not wanted
+    """
+    CREATE TABLE sink_cursors (sink TEXT PRIMARY KEY, cursor INTEGER NOT NULL, updated_at REAL NOT NULL);
     """,
 ]
 
@@ -341,3 +345,33 @@ class DeliveryStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+
+class CursorStore:
+    """A sink's own connection to the state file: its cursor, and the log after it. Progress,
+    not truth, like `DeliveryStore`: synchronous=NORMAL, since a cursor lost to a power cut
+    only means events are sent once more, with the same ids. One worker thread calls it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._db = connect(Path(path), synchronous="NORMAL")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def cursor(self, sink: str) -> int | None:
+        row = self._db.execute("SELECT cursor FROM sink_cursors WHERE sink = ?", (sink,)).fetchone()
+        return int(row[0]) if row else None
+
+    def set_cursor(self, sink: str, cursor: int, at: float) -> None:
+        """Forward only: a late write of an older cursor never moves it back."""
+        self._db.execute("INSERT INTO sink_cursors(sink, cursor, updated_at) VALUES (?, ?, ?) ON CONFLICT(sink) DO UPDATE "
+                         "SET cursor = max(cursor, excluded.cursor), updated_at = excluded.updated_at", (sink, cursor, at))
+
+    def last_seq(self) -> int:
+        return last_seq(self._db)
+
+    def records(self, since: int, types: frozenset[str] | None, limit: int = 1000) -> list[Record]:
+        """Events after `since` of `types` (None: all), in order."""
+        if types is None:
+            return outbox_after(self._db, since, limit)
+        return outbox_after(self._db, since, limit, where=f"AND type IN ({', '.join('?' * len(types))})", args=tuple(sorted(types)))

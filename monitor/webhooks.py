@@ -6,7 +6,8 @@
 Each endpoint has a cursor in the log: every event at or below it is delivered, or
 stored as pending or failed, or not of a type the endpoint wants. Live events reach
 its queue straight from the engine (no read of the store on the way); anything the
-live feed did not carry (a start, a gap) is read back from the store. An event is
+live feed did not carry (a start, a gap) is read back from the store: the feed and the
+backoff are the sinks' shared machinery (`monitor.sinks.base`). An event is
 sent with the same `webhook-id` on every attempt and after any restart, so a
 receiver deduplicates; a kill -9 between the send and its record means one more
 delivery, never none.
@@ -33,13 +34,11 @@ import contextlib
 import functools
 import heapq
 import logging
-import random
 import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -51,6 +50,7 @@ from monitor import __version__, webhook_format
 from monitor.clock import Clock, SystemClock
 from monitor.config import Endpoint, ip_literal, non_public_kind
 from monitor.errors import MonitorError
+from monitor.sinks.base import MAX_READY, Backoff, Feed, StoreThread
 from monitor.store import Delivery, DeliveryStore, Record
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,6 @@ BACKOFF_FACTOR = 4.0
 JITTER = 0.2
 ERROR_TEXT_BYTES = 300  # of a failed answer's body, kept with the delivery
 DRAIN_BYTES = 64 * 1024  # read of an answer at most; a longer one costs the connection
-MAX_READY = 10_000  # events queued in memory per endpoint; beyond, they wait in the store
 
 
 class Observer(Protocol):
@@ -96,10 +95,10 @@ def retry_after_s(value: str | None, now: float) -> float | None:
 
 
 def next_attempt(endpoint: Endpoint, attempts: int, created_at: float, now: float, retry_after: float | None,
-                 rng: Callable[[], float] = random.random) -> float | None:
+                 rng: Callable[[], float] | None = None) -> float | None:
     """When to try again after `attempts` failed ones (wall time), or None: give up."""
-    delay = min(endpoint.retry_first_s * BACKOFF_FACTOR ** (attempts - 1), endpoint.retry_max_s)
-    delay *= 1 + JITTER * (2 * rng() - 1)
+    backoff = Backoff(endpoint.retry_first_s, endpoint.retry_max_s, BACKOFF_FACTOR, JITTER)
+    delay = backoff.delay(attempts) if rng is None else backoff.delay(attempts, rng)
     if retry_after is not None:
         delay = max(delay, retry_after)
     at = now + delay
@@ -225,20 +224,37 @@ class EndpointWorker:
         self.owner = owner
         self.pool = httpcore.AsyncConnectionPool(max_connections=endpoint.max_in_flight, retries=0,
                                                  network_backend=GuardedBackend(endpoint.allow_private))
-        self.seen: int | None = None  # every event up to here is queued, stored or unwanted (None: not loaded)
         self.unsettled: set[int] = set()  # queued or in flight, not yet stored
         self.ready: deque[_Due] = deque()
         self.retries: list[tuple[float, int]] = []  # (next attempt, seq): a heap
         self.attempts: dict[int, int] = {}  # seq -> failed attempts, of the pending ones
         self.disabled: tuple[float, str] | None = None
         self.in_flight: set[asyncio.Task[None]] = set()
-        self.catch_up = True  # the store must be read: at start, and after a gap in the live feed
-        self.loading = False
-        self.wake = asyncio.Event()
+        # The log after the cursor: live from the engine, read back from the store after a gap.
+        self.feed = Feed(self.wants, self._admit, self._undelivered, self._last_seq, lambda: len(self.ready) < MAX_READY)
+        self.wake = self.feed.wake
 
     @property
     def name(self) -> str:
         return self.endpoint.name
+
+    @property
+    def seen(self) -> int | None:
+        """Every event up to here is queued, stored or unwanted (None: not loaded)."""
+        return self.feed.seen
+
+    @seen.setter
+    def seen(self, value: int | None) -> None:
+        self.feed.seen = value
+
+    @property
+    def catch_up(self) -> bool:
+        """The store must be read: at start, and after a gap in the live feed."""
+        return self.feed.catch_up
+
+    @catch_up.setter
+    def catch_up(self, value: bool) -> None:
+        self.feed.catch_up = value
 
     @property
     def cursor(self) -> int | None:
@@ -255,25 +271,26 @@ class EndpointWorker:
         return wanted is None or record.type in wanted
 
     def offer(self, record: Record) -> None:
-        """A committed event, live. The next one in the log is queued at once; after a gap
-        the store is read (in `run`), which is the truth."""
+        """A committed event, live: queued at once if it is the next one, else read back."""
+        self.feed.offer(record)
+
+    def _admit(self, record: Record) -> None:
         assert record.seq is not None
-        if (self.seen is not None and record.seq == self.seen + 1 and not self.catch_up and not self.loading
-                and len(self.ready) < MAX_READY):
-            self.seen = record.seq
-            if self.wants(record):
-                self.unsettled.add(record.seq)
-                self.ready.append(_Due(record, 0))
-                self.wake.set()
-        elif self.seen is None or record.seq > self.seen:
-            self.catch_up = True
-            self.wake.set()
+        if record.seq not in self.unsettled and record.seq not in self.attempts:  # a read back may meet one we hold
+            self.unsettled.add(record.seq)
+            self.ready.append(_Due(record, 0))
+
+    async def _undelivered(self, since: int) -> list[Record]:
+        return await self.owner.db(self.owner.store.undelivered, self.name, since, self.endpoint.wanted)
+
+    async def _last_seq(self) -> int:
+        return await self.owner.db(self.owner.store.last_seq)
 
     async def run(self) -> None:
         while True:
             self.wake.clear()
             if self.catch_up and len(self.ready) < MAX_READY:
-                await self._catch_up()
+                await self.feed.read_back()
             delay = None
             if self.disabled is None:
                 now = self.owner.clock.wall()
@@ -295,32 +312,6 @@ class EndpointWorker:
         still counted, start nothing, and sleep with work ready (a lost wake-up)."""
         self.in_flight.discard(task)
         self.wake.set()
-
-    async def _catch_up(self) -> None:
-        """Queue what the store holds after `seen` that this endpoint has no record of. The
-        live feed waits meanwhile; what it brings during the read asks for one more read."""
-        self.loading = True
-        try:
-            while self.catch_up:
-                self.catch_up = False
-                assert self.seen is not None
-                last = await self.owner.db(self.owner.store.last_seq)
-                while self.seen < last:
-                    rows = await self.owner.db(self.owner.store.undelivered, self.name, self.seen, self.endpoint.wanted)
-                    for record in rows:
-                        assert record.seq is not None
-                        if record.seq <= last and record.seq not in self.unsettled and record.seq not in self.attempts:
-                            self.unsettled.add(record.seq)
-                            self.ready.append(_Due(record, 0))
-                    if len(rows) < 1000 or (rows[-1].seq or last) >= last:
-                        break
-                    self.seen = rows[-1].seq or last
-                    if len(self.ready) >= MAX_READY:  # the rest when these are sent
-                        self.catch_up = True
-                        return
-                self.seen = max(self.seen, last)
-        finally:
-            self.loading = False
 
     async def _load_retry(self, seq: int) -> None:
         record = await self.owner.db(self.owner.store.record, seq)
@@ -387,7 +378,7 @@ class Webhooks:
         self.observer = observer
         self.workers = {e.name: EndpointWorker(e, self) for e in endpoints}
         self._db: DeliveryStore | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor-webhooks")
+        self._thread = StoreThread("webhooks")
         self._tasks: list[asyncio.Task[None]] = []
         self._unsaved: list[Delivery] = []
         self._dirty: set[EndpointWorker] = set()
@@ -399,7 +390,7 @@ class Webhooks:
         return self._db
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        return await self._thread.run(fn, *args)
 
     async def start(self) -> None:
         """Load each endpoint's cursor, state and pending retries; a new endpoint starts at
@@ -441,7 +432,7 @@ class Webhooks:
         if self._db is not None:
             await self.db(self._db.close)
             self._db = None
-        self._thread.shutdown(wait=True)
+        self._thread.close()
 
     def offer(self, record: Record) -> None:
         for worker in self.workers.values():

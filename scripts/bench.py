@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmarks of monitor's event sources against baselines measured in the same run.
 
-    scripts/bench [--quick] [--only latency,storm,scale,engine,daemon,notify] [--out bench-results/latest.json]
+    scripts/bench [--quick] [--only latency,storm,scale,engine,daemon,notify,fleet] [--out bench-results/latest.json]
 
-Six benchmarks, each reported as ratios against a baseline from this very run
+Seven benchmarks, each reported as ratios against a baseline from this very run
 (this VM is noisy, so absolute numbers from another run are not comparable):
 
 latency  exit -> `Exited` in the Python consumer, p50/p99, for netlink (python and
@@ -28,6 +28,9 @@ notify   a real daemon (netlink) with a webhook endpoint: SIGKILL of an attached
          `session.stopped` webhook received, and -> subscriber line read, p50/p99, against
          this process's own pidfd wait + an httpcore POST / a socketpair line; the
          subscriber again with another subscriber stalled (cut off at the end); bursts.
+fleet    a real daemon publishing to a real nats-server -js: exit -> `session.stopped` read
+         from a JetStream consumer, against a bare nats-py publish-and-consume of the same
+         size; a burst of stops until the last is in the stream (scripts/bench_fleet.py).
 
 Every helper is a child of this process and is reaped here, even on Ctrl-C: PID 1
 on the benchmark VM does not reap orphans. As a safety net this process makes
@@ -74,8 +77,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `monitor` without installing it
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_fleet import bench_fleet, fleet_tables  # noqa: E402 - one module per benchmark from here on
 C_DIR = ROOT / "scripts" / "bench_c"
-BENCHES = ("latency", "storm", "scale", "engine", "daemon", "notify")
+BENCHES = ("latency", "storm", "scale", "engine", "daemon", "notify", "fleet")
 
 
 class BenchError(Exception):
@@ -2877,13 +2882,14 @@ def notify_tables(res: dict[str, Any]) -> str:
 # ======================================================================================
 
 RUNNERS = {"latency": bench_latency, "storm": bench_storm, "scale": bench_scale, "engine": bench_engine,
-           "daemon": bench_daemon, "notify": bench_notify}
+           "daemon": bench_daemon, "notify": bench_notify, "fleet": bench_fleet}
 TABLES = {"latency": latency_tables, "storm": storm_tables, "scale": scale_table, "engine": engine_tables,
-          "daemon": daemon_tables, "notify": notify_tables}
+          "daemon": daemon_tables, "notify": notify_tables, "fleet": fleet_tables}
 TITLES = {"latency": "Exit latency (non-child process, exit → `Exited` in the consumer)",
           "storm": "Fork storm", "scale": "Scale", "engine": "Engine (exit → lock released and committed; sessions at scale)",
           "daemon": "Daemon (socket round trips, locks, `monitor launch`)",
-          "notify": "Notifications (exit → webhook received, exit → subscriber line; a stalled subscriber; bursts)"}
+          "notify": "Notifications (exit → webhook received, exit → subscriber line; a stalled subscriber; bursts)",
+          "fleet": "Fleet (exit → event read from a NATS JetStream consumer; a burst of stops)"}
 
 
 def native_status() -> tuple[bool, str | None]:

