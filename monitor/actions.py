@@ -50,6 +50,7 @@ class Actions:
         self._hook_slots = asyncio.Semaphore(HOOKS_AT_ONCE)
         self._hook_chains: dict[str, asyncio.Task[Any]] = {}  # a session's hooks run one after another
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.cgroups = cgroups.CgroupReaper()  # a stopped session's cgroup goes when the kernel says it is empty
 
     def act(self, work: Work) -> None:
         step = work.step
@@ -113,7 +114,7 @@ class Actions:
         if session is None:
             return
         if session.cgroup is not None:
-            self.remove_cgroup(Path(session.cgroup), tries=50)
+            self.cgroups.remove_when_empty(Path(session.cgroup))
         self.forget_launch_files(session.id)
         self.run_hooks(session, "on_complete")
 
@@ -125,12 +126,6 @@ class Actions:
         for suffix in LAUNCH_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (exit_dir / f"{session_id}{suffix}").unlink()
-
-    def remove_cgroup(self, path: Path, tries: int) -> None:
-        """An emptied cgroup can go; its last processes may take a moment to be reaped."""
-        cgroups.remove(path)
-        if path.exists() and tries > 0:
-            self._loop.call_later(0.1, self._guarded, "removing a cgroup", self.remove_cgroup, path, tries - 1)
 
     # -- hooks and fuse actions -------------------------------------------------------------
 
@@ -186,6 +181,7 @@ class Actions:
             log.error("background work failed: %r", task.exception(), exc_info=task.exception())
 
     async def close(self) -> None:
+        self.cgroups.close()
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -184,10 +184,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
 async def _wait(args: argparse.Namespace) -> int:
     options = _source_options(args) | {"types": ("exit",)}
     async with open_source(args.source, **options) as source:
+        source.expect(args.pids)  # an exit before the watch keeps its status (see wait_for_exits)
         keys = [ProcessKey.of(pid) for pid in args.pids]  # once listening: nothing falls between
-        log.info("waiting for %s with %s", ", ".join(str(k.pid) for k in keys), source.name)
+
+        def watching() -> None:  # said once every watch is set: scripts and tests may go on then
+            log.info("waiting for %s with %s", ", ".join(str(k.pid) for k in keys), source.name)
+
         try:
-            results = await wait_on(source, keys, any_=args.any, timeout=args.timeout)
+            results = await wait_on(source, keys, any_=args.any, timeout=args.timeout, watching=watching)
         except TimeoutError:
             print(f"monitor wait: timed out after {args.timeout:g}s", file=sys.stderr)
             if args.json:

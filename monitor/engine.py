@@ -32,7 +32,7 @@ from monitor.actions import Actions
 from monitor.clock import Clock, SystemClock
 from monitor.committer import Committer, Rows, Work
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess
-from monitor.events import RELIST, Event, Exited, Forked, Overrun, SessionStopped, Transition
+from monitor.events import RELIST, Event, Exited, Forked, Overrun, SessionStopped, StateRecovered, Transition
 from monitor.fuses import DirFuse, FuseTable
 from monitor.hooks import HOOK_TIMEOUT_S
 from monitor.identity import ProcessKey, boot_id
@@ -40,7 +40,7 @@ from monitor.locks import Lock, LockTable
 from monitor.sources import select_source
 from monitor.sources.base import EventSource
 from monitor.sources.inotify import ExitFileSource
-from monitor.store import Batch, Record, Store
+from monitor.store import Batch, Record, Recovery, Store
 from monitor.tracker import Policy, Session, Step, Tracker, Watch, new_session_id
 
 log = logging.getLogger(__name__)
@@ -210,12 +210,25 @@ class Engine:
         restarted = self.submit(step)
         if restarted is not None:
             await restarted
-        self.recovered_launches = await reconcile.recover_launches(self, rebuilt=bool(getattr(self._store, "recovered", None)))
+        self.recovered_launches = await reconcile.recover_launches(self, rebuilt=self._store.recovered is not None)
+        if self._store.recovered is not None:
+            await self._recovered(self._store.recovered)
+        self.actions.cgroups.sweep({s.cgroup for s in self.tracker.running() if s.cgroup})  # leftovers of stopped sessions
         buffered, self._buffer = self._buffer or [], None
         for event in buffered:
             self._on_event(event)
         if self._timers:
             self._supervise(loop.create_task(self._timer_loop(), name="monitor-timers"))
+
+    async def _recovered(self, recovery: Recovery) -> None:
+        """Say once, loudly, that the state file was unusable, and tell subscribers."""
+        log.error("state file %s was unusable (%s): moved aside to %s (with its -wal and -shm); started on a fresh store, "
+                  "%d launched sessions recovered from their files%s", recovery.path, recovery.reason, recovery.moved_to,
+                  len(self.recovered_launches), f" ({', '.join(self.recovered_launches)})" if self.recovered_launches else "")
+        done = self.submit(Step([StateRecovered(str(recovery.path), str(recovery.moved_to), recovery.reason,
+                                                tuple(self.recovered_launches))]))
+        if done is not None:
+            await done
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
         """A core task that ends by an exception is the engine's end: `failed` says why."""

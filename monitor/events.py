@@ -320,5 +320,28 @@ class HookFailed(Transition):
         return f"{self.session_id}/{self.hook}"
 
 
+@dataclass(frozen=True, slots=True)
+class StateRecovered(Transition):
+    """The state file was unusable at start-up (corrupt, truncated, not a database, its WAL
+    cut): moved aside to `moved_to`, and the daemon started on a fresh store, with the
+    launched sessions it could rebuild from their files (`sessions`). Sessions, locks and
+    fuses it held otherwise are gone; the event log starts again (this is its first event)."""
+
+    type: ClassVar[str] = "state.recovered"
+    path: str
+    moved_to: str
+    reason: str
+    sessions: tuple[str, ...] = ()
+
+    @property
+    def subject(self) -> str:
+        return self.moved_to
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "path": self.path, "moved_to": self.moved_to, "reason": self.reason,
+                "sessions": list(self.sessions)}
+
+
 TRANSITION_TYPES = tuple(cls.type for cls in (SessionStarted, SessionStopped, SessionTimedOut, ChildExited, ChildUnobservable,
-                                               LockAcquired, LockReleased, FuseFired, FuseActionFailed, HookFailed))
+                                               LockAcquired, LockReleased, FuseFired, FuseActionFailed, HookFailed,
+                                               StateRecovered))

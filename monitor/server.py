@@ -513,6 +513,10 @@ class Server:
             while (live := await subscriber.next()) is not None:
                 if live.seq is not None and live.seq > sent:
                     await subscriber.send(live)
+        except StorageError as err:  # a damaged page of the event log: say so, and end this stream only
+            log.error("events.subscribe: cannot read the event log: %s", err)
+            writer.write(error(request.id, STORAGE, str(err)))
+            await writer.drain()
         finally:
             self._subscribers.discard(subscriber)
 

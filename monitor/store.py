@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor import integrity
 from monitor.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -121,12 +123,36 @@ class Batch:
         return record
 
 
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """A state file found unusable at open: moved aside to `moved_to`, for `reason`; the
+    store then starts fresh."""
+
+    path: Path
+    moved_to: Path
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": str(self.path), "moved_to": str(self.moved_to), "reason": self.reason}
+
+
 class Store:
-    """The SQLite file. Not thread-safe: the engine calls it from one worker thread."""
+    """The SQLite file. Not thread-safe: the engine calls it from one worker thread.
+
+    Opening checks the file first (`monitor.integrity`): one that is corrupt, truncated,
+    not a database, or whose WAL lost committed frames is moved aside with its -wal and
+    -shm (`state.db.corrupt-<UTC time>`) and a fresh store is built; `recovered` says so.
+    A schema newer than this code is refused (StateTooNew) and left untouched.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.recovered: Recovery | None = None
+        verdict = integrity.check(self.path, len(MIGRATIONS))
+        if verdict is not None:
+            moved = integrity.move_aside(self.path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+            self.recovered = Recovery(self.path, moved, verdict.reason)
         self._db = connect(self.path, synchronous="FULL")
         try:
             self.migrate()
@@ -137,7 +163,8 @@ class Store:
     def migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
-            raise RuntimeError(f"{self.path} has schema version {version}, newer than this monitor knows ({len(MIGRATIONS)})")
+            raise integrity.StateTooNew(f"{self.path} has schema version {version}, newer than this monitor knows "
+                                        f"({len(MIGRATIONS)})")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -191,11 +218,17 @@ class Store:
             raise
 
     def outbox(self, since: int = 0, limit: int = 1000) -> list[Record]:
-        """The event log after `since`, in order."""
-        return outbox_after(self._db, since, limit)
+        """The event log after `since`, in order. StorageError when a page of it cannot be read."""
+        try:
+            return outbox_after(self._db, since, limit)
+        except sqlite3.Error as err:
+            raise StorageError.of(err) from err
 
     def last_seq(self) -> int:
-        return last_seq(self._db)
+        try:
+            return last_seq(self._db)
+        except sqlite3.Error as err:
+            raise StorageError.of(err) from err
 
     def prune(self, before: float) -> int:
         """Forget events (and their deliveries) older than `before` (wall); how many went."""

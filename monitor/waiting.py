@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from monitor.events import Exited
@@ -18,14 +18,18 @@ def _key(target: int | ProcessKey) -> ProcessKey:
 
 
 async def wait_on(
-    source: EventSource, keys: Iterable[ProcessKey], *, any_: bool = False, timeout: float | None = None
+    source: EventSource, keys: Iterable[ProcessKey], *, any_: bool = False, timeout: float | None = None,
+    watching: Callable[[], None] | None = None,
 ) -> list[Exited]:
     """Watch `keys` on a started source and return their `Exited` events in arrival order:
-    all of them, or the first with `any_`. Raises TimeoutError after `timeout` seconds."""
+    all of them, or the first with `any_`. Raises TimeoutError after `timeout` seconds.
+    `watching` is called once every key is watched (a readiness signal for callers)."""
     remaining = set(keys)
     results: list[Exited] = []
     for key in remaining:
         source.watch(key)
+    if watching is not None:
+        watching()
 
     async def collect() -> None:
         async for event in source:
@@ -51,8 +55,11 @@ async def wait_for_exits(
     """Wait for processes (PIDs or keys) to exit; NoSuchProcess for a PID that does not exist."""
     deadline = None if timeout is None else time.monotonic() + timeout
     options.setdefault("types", ("exit",))
+    targets = list(targets)
     async with open_source(source, **options) as src:
-        # Keys are taken only once the source is listening, so no exit can fall between.
+        # Keys are taken only once the source is listening and keeps these PIDs' exits, so
+        # one that ends before its watch starts still has the status the kernel sent.
+        src.expect(t.pid if isinstance(t, ProcessKey) else t for t in targets)
         keys = [_key(t) for t in targets]
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return await wait_on(src, keys, any_=any_, timeout=left)

@@ -368,6 +368,10 @@ class EndpointWorker:
         self.wake.set()
 
 
+SAVE_RETRY_FIRST_S = 0.5  # a failed save of delivery outcomes is tried again after this, doubling
+SAVE_RETRY_MAX_S = 30.0
+
+
 class Webhooks:
     """Every configured endpoint's delivery. `offer` is the engine's record listener."""
 
@@ -383,6 +387,7 @@ class Webhooks:
         self._unsaved: list[Delivery] = []
         self._dirty: set[EndpointWorker] = set()
         self._saving: asyncio.Task[None] | None = None
+        self._save_failing = False
 
     @property
     def store(self) -> DeliveryStore:
@@ -449,21 +454,37 @@ class Webhooks:
             self._saving = asyncio.get_running_loop().create_task(self._save_soon())
 
     async def _save_soon(self) -> None:
+        delay_s = SAVE_RETRY_FIRST_S
         try:
             while self._unsaved or self._dirty:
-                await self._save_now()
+                if await self._save_now():
+                    delay_s = SAVE_RETRY_FIRST_S
+                else:  # kept: tried again later with what came since (the disk may be full for a while)
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, SAVE_RETRY_MAX_S)
         finally:
             self._saving = None
 
-    async def _save_now(self) -> None:
+    async def _save_now(self) -> bool:
+        """Write the outcomes, cursors and states gathered so far; on failure keep them for the
+        next save (merged with newer outcomes: the newest of each delivery wins). Whether it saved."""
         deliveries, self._unsaved = self._unsaved, []
         workers, self._dirty = self._dirty, set()
         cursors = {w.name: c for w in workers if (c := w.cursor) is not None}
         disabled = {w.name: w.disabled for w in workers}
         try:
             await self.db(self.store.save, deliveries, cursors, disabled)
-        except Exception as err:  # the next save carries them; a restart resends what was lost
-            log.error("could not record webhook deliveries: %s", err)
+        except Exception as err:
+            self._unsaved = list({(d.endpoint, d.seq): d for d in [*deliveries, *self._unsaved]}.values())
+            self._dirty |= workers
+            if not self._save_failing:  # once per streak of failures, not once per attempt
+                log.error("could not record webhook deliveries (kept, retrying): %s", err)
+            self._save_failing = True
+            return False
+        if self._save_failing:
+            log.info("webhook deliveries recorded again")
+            self._save_failing = False
+        return True
 
     # -- the API --------------------------------------------------------------------------------
 

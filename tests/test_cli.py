@@ -49,7 +49,9 @@ def gated_grandchild(procs: Procs, gate: Path, then: str) -> int:
 
 
 def wait_started(procs: Procs, gate: Path, *args: str) -> tuple[int, str, str]:
-    """`monitor wait ARGS`, the gate opened only once it watches: no race with its start-up."""
+    """`monitor wait ARGS`, the gate opened only once it watches: no race with its start-up.
+    (It says "waiting for" once every watch is set; it used to say so before, and a grandchild
+    that ended in between, reaped by its parent, read 'status unknown'.)"""
     waiter = start_monitor(procs, "wait", *args, ready="waiting for")
     gate.touch()
     out, err = waiter.communicate(timeout=20)

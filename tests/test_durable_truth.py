@@ -22,6 +22,7 @@ from conftest import Procs
 from test_daemon import Daemon, cli, public_dir  # noqa: F401  (public_dir is a fixture)
 from test_engine_real import _reap_all, _subreaper
 
+from monitor.client import DaemonUnreachable
 from monitor.protocol import ProtocolError
 
 
@@ -61,9 +62,16 @@ def commands(token: str) -> dict[int, list[str]]:
 
 
 def stop_all(daemon: Daemon) -> None:
-    with daemon.client() as client:
-        for session in client.call("session.list"):
-            client.call("session.stop", id=session["id"], signal="KILL", grace_s=1)
+    """Clean up after a test, which may have failed with the daemon down: then by hand."""
+    try:
+        with daemon.client() as client:
+            for session in client.call("session.list"):
+                client.call("session.stop", id=session["id"], signal="KILL", grace_s=1)
+    except DaemonUnreachable:
+        for proc in psutil.process_iter(["cmdline"]):
+            if (proc.info["cmdline"] or [""])[0] == "sleep" and proc.parent() is not None and "monitor.wrapper" in " ".join(
+                    proc.parent().cmdline()):
+                proc.kill()
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])

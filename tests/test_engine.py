@@ -102,6 +102,8 @@ def test_death_and_timeout_together_stop_once_as_exited_1000_times(tmp_path: Pat
         assert {s.reason for s in stops} == {"exited"}  # type: ignore[attr-defined]
         assert r.of(SessionTimedOut) == []
 
+    run(tmp_path, scenario)
+
 
 def test_a_timeout_fires_once_then_the_death_stops_the_session(tmp_path: Path) -> None:
     async def scenario(r: Rig) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PYTHON, ROOT, Procs
+from conftest import PYTHON, ROOT, Procs, arun
 from receiver import Receiver, Reply, Request, agentctl_signature_ok, standard_signature_ok
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from test_daemon import Daemon
@@ -494,3 +494,47 @@ def test_a_burst_larger_than_max_in_flight_is_all_delivered(monkeypatch: pytest.
         await worker.pool.aclose()
 
     asyncio.run(main())
+
+
+def test_a_failed_save_of_delivery_outcomes_keeps_them_and_retries(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The state file refuses the save (here its table is gone for a while: a real SQLite
+    error): the outcomes are kept, merged with newer ones, saved once it works again, and
+    the failure is logged once for the streak, not per attempt."""
+    import sqlite3
+
+    from monitor import webhooks
+    from monitor.store import Delivery, Store
+
+    caplog.set_level("INFO", logger="monitor.webhooks")
+    path = tmp_path / "state.db"
+    Store(path).close()
+
+    async def scenario() -> list[tuple[str, int, str, int]]:
+        hooks = webhooks.Webhooks([], path)
+        await hooks.start()
+        worker = webhooks.EndpointWorker(Endpoint("e", "http://127.0.0.1:9/", ("x" * 16,), allow_private=True), hooks)
+        with sqlite3.connect(path, isolation_level=None) as other:
+            other.execute("ALTER TABLE webhook_deliveries RENAME TO aside")
+            hooks.save(Delivery("e", 1, "pending", 1, updated_at=1.0), worker)
+            async with asyncio.timeout(10):
+                while not hooks._save_failing:
+                    await asyncio.sleep(0.01)
+            hooks.save(Delivery("e", 1, "delivered", 2, updated_at=2.0), worker)  # newer outcomes meanwhile
+            hooks.save(Delivery("e", 2, "failed", 9, updated_at=2.0), worker)
+            kept = hooks._unsaved
+            async with asyncio.timeout(10):
+                while hooks._unsaved is kept:  # one more attempt took them, failed, and kept them
+                    await asyncio.sleep(0.01)
+            other.execute("ALTER TABLE aside RENAME TO webhook_deliveries")
+        other.close()
+        async with asyncio.timeout(10):
+            while hooks._saving is not None:
+                await asyncio.sleep(0.01)
+        rows = await hooks.db(lambda: [(d.endpoint, d.seq, d.state, d.attempts) for d in hooks.store._select("ORDER BY seq", ())])
+        await hooks.close()
+        return rows
+
+    assert arun(scenario()) == [("e", 1, "delivered", 2), ("e", 2, "failed", 9)]
+    failures = [r for r in caplog.records if "could not record webhook deliveries" in r.getMessage()]
+    assert len(failures) == 1 and "no such table" in failures[0].getMessage()
+    assert any("recorded again" in r.getMessage() for r in caplog.records)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -138,6 +138,12 @@ class EventSource:
 
     # -- watching --------------------------------------------------------------------
 
+    def expect(self, pids: Iterable[int]) -> None:
+        """These PIDs are about to be watched: keep what the kernel says of their exits from
+        now on, so one that ends before its watch starts still gets its real status. Call it
+        before their keys are taken (`wait_for_exits` does). A source that holds no queue of
+        kernel events has nothing to keep."""
+
     def watch(self, key: ProcessKey, *, descendants: bool = False) -> None:
         """Report this process's exit (and, with `descendants`, its new descendants)."""
         if self._closed:
@@ -157,11 +163,14 @@ class EventSource:
         except NoSuchProcess:
             # Gone between making the key and watching it: that is an exit, verified.
             del self._watches[key.pid]
+            found = self._found_dead(watch)
             self._release(watch)
-            self._emit_exit(watch, self._exit_status(watch), self.found_dead_evidence)
+            self._emit_exit(watch, *found)
             return
         if not self._alive(watch):
-            self._finish(watch, self._exit_status(watch), self.found_dead_evidence)
+            found = self._found_dead(watch)
+            if self._watches.get(key.pid) is watch:  # not already finished by an event read meanwhile
+                self._finish(watch, *found)
 
     def unwatch(self, key: ProcessKey) -> None:
         watch = self._watches.get(key.pid)
@@ -190,6 +199,10 @@ class EventSource:
     def _exit_status(self, watch: Watch) -> int | None:
         """The raw wait status of a process found dead, when it can be known."""
         return zombie_exit_status(watch.key)
+
+    def _found_dead(self, watch: Watch) -> tuple[int | None, str, int | None]:
+        """(status, evidence, kernel time) of a process found dead as its watch starts."""
+        return self._exit_status(watch), self.found_dead_evidence, None
 
     # -- shared transitions ------------------------------------------------------------
 
