@@ -37,12 +37,20 @@ class DaemonUnreachable(MonitorError):
         super().__init__(f"no monitor daemon answers on {path} ({reason}); start one with: monitor daemon")
 
 
+SYSTEM_SOCKET = Path("/run/monitor/monitor.sock")  # root's daemon, the one every user may talk to
+
+
 def socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The socket named, else $MONITOR_SOCKET, else this user's daemon's; a user who runs none
+    (no socket there) talks to root's, as users of a host whose service is root's do."""
     if explicit:
         return Path(explicit)
     if os.environ.get("MONITOR_SOCKET"):
         return Path(os.environ["MONITOR_SOCKET"])
-    return default_paths()[0]
+    own = default_paths()[0]
+    if not own.exists() and own != SYSTEM_SOCKET and SYSTEM_SOCKET.exists():
+        return SYSTEM_SOCKET
+    return own
 
 
 def connect(sock: socket.socket, path: str, timeout_s: float | None) -> None:
