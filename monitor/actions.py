@@ -2,7 +2,8 @@
 
 Runs only after a step is stored, in commit order. Every effect is guarded on its own:
 a signal the kernel refuses, a hook that cannot start, a listener that raises, is a
-log line (and, for hooks, a `hook.failed` event), never the end of the commit loop.
+log line (and, for hooks and fuse actions, a `hook.failed` or `fuse.action_failed`
+event), never the end of the commit loop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from monitor import cgroups, members
 from monitor.errors import MonitorError
-from monitor.events import FuseFired, HookFailed, SessionStarted, SessionStopped, Transition
+from monitor.events import FuseActionFailed, FuseFired, HookFailed, SessionStarted, SessionStopped, Transition
 from monitor.hooks import run_hook, run_shell
 from monitor.identity import ProcessKey
 from monitor.store import Record
@@ -166,8 +167,14 @@ class Actions:
         assert fired.action is not None
         fuse = self.engine.fuses.fuses.get(fired.directory)
         # As whoever set it: a fuse set by a user never runs as the daemon's root.
-        self.background(run_shell(fired.action, what=f"fuse action for {fired.directory}", cwd=fired.directory,
-                                  uid=fuse.owner_uid if fuse else None, timeout_s=FUSE_ACTION_TIMEOUT_S))
+        self.background(self._fuse_action(fired, fired.action, fuse.owner_uid if fuse else None))
+
+    async def _fuse_action(self, fired: FuseFired, action: str, uid: int | None) -> None:
+        outcome = await run_shell(action, what=f"fuse action for {fired.directory}", cwd=fired.directory, uid=uid,
+                                  timeout_s=FUSE_ACTION_TIMEOUT_S)
+        if not outcome.ok:  # an event, as a failed hook is: a log line alone is seen by nobody
+            self.engine.submit(Step([FuseActionFailed(fired.directory, action, fired.armed_at, outcome.exit_code, outcome.signal,
+                                                      outcome.error, outcome.timed_out)]))
 
     def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Hooks, fuse actions, pruning: owned here (cancelled at close), blocking nothing."""

@@ -69,6 +69,10 @@ class AlreadyDead(MonitorError):
         super().__init__(f"process {key.pid} has already exited")
 
 
+class AlreadyFollowed(MonitorError):
+    """The process is a running session's already: a conflict, not a bad request."""
+
+
 def process_cwd(pid: int) -> str:
     """Its working directory; NoSuchProcess once it has exited (a zombie has none left)."""
     try:
@@ -539,7 +543,7 @@ class Engine:
             raise AlreadyDead(key)
         followed = self.tracker.session_of(key)
         if followed is not None:
-            raise MonitorError(f"process {key.pid} is already followed by session {followed.id}")
+            raise AlreadyFollowed(f"process {key.pid} is already followed by session {followed.id}")
         now, wall = self.clock.monotonic(), self.clock.wall()
         try:
             directory = os.path.realpath(cwd or process_cwd(key.pid))

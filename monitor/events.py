@@ -300,6 +300,25 @@ class FuseFired(Transition):
 
 
 @dataclass(frozen=True, slots=True)
+class FuseActionFailed(Transition):
+    """A fired fuse's action did not succeed: it exited non-zero (exit_code / signal), was
+    killed at its timeout (timed_out), or could not run (error)."""
+
+    type: ClassVar[str] = "fuse.action_failed"
+    directory: str
+    action: str
+    armed_at: float
+    exit_code: int | None
+    signal: int | None
+    error: str | None
+    timed_out: bool = False
+
+    @property
+    def subject(self) -> str:
+        return f"{self.directory}@{self.armed_at}/action"
+
+
+@dataclass(frozen=True, slots=True)
 class HookFailed(Transition):
     """A session's hook (on_start, on_complete, or the config's) did not succeed: it exited
     non-zero (exit_code / signal), was killed at its timeout, or could not run (error)."""
@@ -339,5 +358,6 @@ class StateRecovered(Transition):
 
 
 TRANSITION_TYPES = tuple(cls.type for cls in (SessionStarted, SessionStopped, SessionTimedOut, ChildExited, ChildUnobservable,
-                                               LockAcquired, LockReleased, FuseFired, HookFailed, StateRecovered,
+                                               LockAcquired, LockReleased, FuseFired, FuseActionFailed, HookFailed,
+                                               StateRecovered,
                                                SessionOrphansGone))
