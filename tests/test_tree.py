@@ -210,6 +210,7 @@ def test_a_tree_sessions_lock_is_held_until_its_whole_tree_is_gone(tmp_path: Pat
             assert engine.locks.locks[str(tmp_path)].owner == session.key  # its root is dead, its tree is not
             with pytest.raises(LockHeld):
                 await engine.lock(str(tmp_path), by="someone else")
+            await until(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
             await asyncio.wait_for(stopped, 10)
             await engine.flush()
