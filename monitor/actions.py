@@ -2,7 +2,8 @@
 
 Runs only after a step is stored, in commit order. Every effect is guarded on its own:
 a signal the kernel refuses, a hook that cannot start, a listener that raises, is a
-log line (and, for hooks, a `hook.failed` event), never the end of the commit loop.
+log line (and, for hooks and fuse actions, a `hook.failed` or `fuse.action_failed`
+event), never the end of the commit loop.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from monitor import cgroups
+from monitor import cgroups, members
 from monitor.errors import MonitorError
-from monitor.events import FuseFired, HookFailed, SessionStarted, SessionStopped, Transition
+from monitor.events import FuseActionFailed, FuseFired, HookFailed, SessionStarted, SessionStopped, Transition
 from monitor.hooks import run_hook, run_shell
 from monitor.identity import ProcessKey
 from monitor.store import Record
-from monitor.tracker import Session, Signal, Step
+from monitor.tracker import Session, Signal, SignalOrphans, Step, Watch
 
 if TYPE_CHECKING:
     from monitor.committer import Work
@@ -49,12 +50,18 @@ class Actions:
         self._hook_slots = asyncio.Semaphore(HOOKS_AT_ONCE)
         self._hook_chains: dict[str, asyncio.Task[Any]] = {}  # a session's hooks run one after another
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.cgroups = cgroups.CgroupReaper()  # a stopped session's cgroup goes when the kernel says it is empty
 
     def act(self, work: Work) -> None:
         step = work.step
         for command in step.commands:
             if isinstance(command, Signal):
                 self._guarded("signalling", self.signal, command)
+            elif isinstance(command, Watch):  # a member found by the kernel, an orphan
+                self._guarded("following a process", self.engine.watch, command)
+            elif isinstance(command, SignalOrphans):
+                self._guarded("signalling orphans", members.signal_orphans, self.engine.tracker.sessions[command.session_id],
+                              command.signum)
         for transition in step.transitions:
             if isinstance(transition, SessionStarted):
                 self._guarded("running on-start hooks", self.run_hooks, self.engine.tracker.sessions.get(transition.session_id),
@@ -87,7 +94,10 @@ class Actions:
         """Signal the session's cgroup, its process group (a launched command leads one), or
         the process; through a pidfd, so a reused PID can never be hit."""
         key, alive = command.key, self.engine.alive
-        session = self.engine.tracker.session_of(key)
+        session = self.engine.tracker.session_of(key) or self.engine.tracker.session_rooted_at(key)
+        if session is not None and session.policy == "tree" and session.key == key:
+            for child in list(session.children.values()):  # the whole tree, each by its own pidfd
+                members.signal_key(child.key, command.signum, session.owner_uid)
         if session is not None and session.cgroup is not None and session.key == key and alive(key):
             if cgroups.signal_all(Path(session.cgroup), command.signum):
                 return  # every descendant, wherever it moved its process group
@@ -112,7 +122,7 @@ class Actions:
         if session is None:
             return
         if session.cgroup is not None:
-            self.remove_cgroup(Path(session.cgroup), tries=50)
+            self.cgroups.remove_when_empty(Path(session.cgroup))
         self.forget_launch_files(session.id)
         self.run_hooks(session, "on_complete")
 
@@ -124,12 +134,6 @@ class Actions:
         for suffix in LAUNCH_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (exit_dir / f"{session_id}{suffix}").unlink()
-
-    def remove_cgroup(self, path: Path, tries: int) -> None:
-        """An emptied cgroup can go; its last processes may take a moment to be reaped."""
-        cgroups.remove(path)
-        if path.exists() and tries > 0:
-            self._loop.call_later(0.1, self._guarded, "removing a cgroup", self.remove_cgroup, path, tries - 1)
 
     # -- hooks and fuse actions -------------------------------------------------------------
 
@@ -163,8 +167,14 @@ class Actions:
         assert fired.action is not None
         fuse = self.engine.fuses.fuses.get(fired.directory)
         # As whoever set it: a fuse set by a user never runs as the daemon's root.
-        self.background(run_shell(fired.action, what=f"fuse action for {fired.directory}", cwd=fired.directory,
-                                  uid=fuse.owner_uid if fuse else None, timeout_s=FUSE_ACTION_TIMEOUT_S))
+        self.background(self._fuse_action(fired, fired.action, fuse.owner_uid if fuse else None))
+
+    async def _fuse_action(self, fired: FuseFired, action: str, uid: int | None) -> None:
+        outcome = await run_shell(action, what=f"fuse action for {fired.directory}", cwd=fired.directory, uid=uid,
+                                  timeout_s=FUSE_ACTION_TIMEOUT_S)
+        if not outcome.ok:  # an event, as a failed hook is: a log line alone is seen by nobody
+            self.engine.submit(Step([FuseActionFailed(fired.directory, action, fired.armed_at, outcome.exit_code, outcome.signal,
+                                                      outcome.error, outcome.timed_out)]))
 
     def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Hooks, fuse actions, pruning: owned here (cancelled at close), blocking nothing."""
@@ -179,6 +189,7 @@ class Actions:
             log.error("background work failed: %r", task.exception(), exc_info=task.exception())
 
     async def close(self) -> None:
+        self.cgroups.close()
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,36 @@ class DaemonUnreachable(MonitorError):
         super().__init__(f"no monitor daemon answers on {path} ({reason}); start one with: monitor daemon")
 
 
+SYSTEM_SOCKET = Path("/run/monitor/monitor.sock")  # root's daemon, the one every user may talk to
+
+
 def socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The socket named, else $MONITOR_SOCKET, else this user's daemon's; a user who runs none
+    (no socket there) talks to root's, as users of a host whose service is root's do."""
     if explicit:
         return Path(explicit)
     if os.environ.get("MONITOR_SOCKET"):
         return Path(os.environ["MONITOR_SOCKET"])
-    return default_paths()[0]
+    own = default_paths()[0]
+    if not own.exists() and own != SYSTEM_SOCKET and SYSTEM_SOCKET.exists():
+        return SYSTEM_SOCKET
+    return own
+
+
+def connect(sock: socket.socket, path: str, timeout_s: float | None) -> None:
+    """connect(2), waiting while the daemon's backlog is full: a Unix socket answers EAGAIN
+    then, and Python's timeout handling only waits on EINPROGRESS (unix(7))."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{path}: the daemon accepts no connection (its backlog is full)") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 class Client:
@@ -56,7 +81,7 @@ class Client:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         try:
-            self._sock.connect(str(real))
+            connect(self._sock, str(real), timeout_s)
             check_peer(self._sock, self.path, trusted)
         except (FileNotFoundError, ConnectionRefusedError) as err:
             self._sock.close()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from monitor.errors import StorageError
 from monitor.store import Batch, Record
-from monitor.tracker import Step
+from monitor.tracker import ChildRow, Step
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,18 @@ class Rows:
     sessions: set[str] = field(default_factory=set)
     locks: set[str] = field(default_factory=set)
     fuses: set[str] = field(default_factory=set)
+    children: set[ChildRow] = field(default_factory=set)  # a session's child, by (session id, key)
+    child_counts: set[str] = field(default_factory=set)  # sessions whose counts of ended children changed
 
     def __bool__(self) -> bool:
-        return bool(self.sessions or self.locks or self.fuses)
+        return bool(self.sessions or self.locks or self.fuses or self.children or self.child_counts)
 
     def merge(self, other: Rows) -> None:
         self.sessions |= other.sessions
         self.locks |= other.locks
         self.fuses |= other.fuses
+        self.children |= other.children
+        self.child_counts |= other.child_counts
 
 
 @dataclass(eq=False)

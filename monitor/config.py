@@ -30,6 +30,7 @@ import msgspec
 from monitor.errors import MonitorError
 from monitor.events import TRANSITION_TYPES
 from monitor.logs import LOG_FORMATS, LOG_LEVELS
+from monitor.webhook_format import AGENTCTL, AGENTCTL_TYPES, FORMATS, STANDARD, secret_problem
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +48,27 @@ class Endpoint:
 
     name: str
     url: str
-    secrets: tuple[str, ...] = field(repr=False)  # the first also signs the agentctl-style headers
-    events: frozenset[str] | None = None  # None: every type
+    secrets: tuple[str, ...] = field(repr=False)  # each signs (standard); agentctl's format has one
+    events: frozenset[str] | None = None  # None: every type (the format's)
     timeout_s: float = 15.0
     allow_private: bool = False  # loopback, private, link-local (cloud metadata) destinations
     max_age_s: float = 3 * 24 * 3600.0  # retried until the event is this old, then given up
     retry_first_s: float = 5.0  # the first retry's delay; each next one is 4x, up to retry_max_s
     retry_max_s: float = 6 * 3600.0
     max_in_flight: int = 4
+    format: str = "standard"  # or "agentctl" (monitor.webhook_format)
+
+    @property
+    def wanted(self) -> frozenset[str] | None:
+        """The event types sent to it (None: every one): agentctl's format has only session.stopped."""
+        if self.format == AGENTCTL:
+            return AGENTCTL_TYPES if self.events is None else self.events & AGENTCTL_TYPES
+        return self.events
 
     def public(self) -> dict[str, Any]:
         """What may be shown: everything but the secrets."""
-        return {"name": self.name, "url": self.url, "events": sorted(self.events) if self.events is not None else None,
+        return {"name": self.name, "url": self.url, "format": self.format,
+                "events": sorted(self.events) if self.events is not None else None,
                 "timeout_s": self.timeout_s, "allow_private": self.allow_private, "max_age_s": self.max_age_s}
 
 
@@ -130,6 +140,7 @@ class Config:
     retain_events_s: float = 7 * 24 * 3600.0
     hook_timeout_s: float = 300.0
     metrics_listen: str | None = None  # HOST:PORT of an HTTP /metrics listener, e.g. 127.0.0.1:9464
+    orphans: str = "keep"  # a session's descendants alive at its stop: keep (reported) or kill; unless it says
     hooks: dict[str, str] = field(default_factory=dict)  # on_start / on_complete for every session
     webhooks: tuple[Endpoint, ...] = ()
     nats: NatsConfig | None = None  # publishing and fleet state; None: this host keeps to itself
@@ -195,7 +206,7 @@ _SETTINGS: dict[str, Any] = {
     "log_level": Annotated[str, msgspec.Meta(pattern="(?i)^(" + "|".join(LOG_LEVELS) + ")$")],
     "log_format": Annotated[str, msgspec.Meta(pattern="^(" + "|".join(LOG_FORMATS) + ")$")],
     "subscriber_buffer": Annotated[int, msgspec.Meta(ge=1, le=10_000_000)], "retain_events_s": _LongSeconds,
-    "hook_timeout_s": _DaySeconds, "metrics_listen": _Text,
+    "hook_timeout_s": _DaySeconds, "metrics_listen": _Text, "orphans": Literal["keep", "kill"],
 }
 _PATHS = ("socket", "state_dir")
 _FILE_ONLY = ("hooks", "webhooks", "nats")
@@ -311,6 +322,7 @@ class _EndpointTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_first_s: _DaySeconds | msgspec.UnsetType = msgspec.UNSET
     retry_max_s: _LongSeconds | msgspec.UnsetType = msgspec.UNSET
     max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=1024)] | msgspec.UnsetType = msgspec.UNSET
+    format: _Text = STANDARD
 
 
 _TUNING = ("timeout_s", "max_age_s", "retry_first_s", "retry_max_s", "max_in_flight")
@@ -346,18 +358,35 @@ def _webhooks(value: Any, origin: str) -> tuple[Endpoint, ...]:
             unknown = set(events) - set(TRANSITION_TYPES)
             if unknown or not events:
                 raise ConfigError(f"{where}: events {sorted(unknown) or events} (known: {', '.join(TRANSITION_TYPES)})")
+        format_ = _format(table.format, secrets, events, where)
         allow_private = table.allow_private
         literal = ip_literal(parts.hostname)
         if literal is not None and not allow_private and (refusal := non_public_kind(literal)):
             raise ConfigError(f"{where}: {parts.hostname} is not a public address ({refusal}); set allow_private = true to send there")
         tuning = {k: getattr(table, k) for k in _TUNING if getattr(table, k) is not msgspec.UNSET}
-        endpoint = Endpoint(name=table.name or parts.hostname, url=url, secrets=secrets,
+        endpoint = Endpoint(name=table.name or parts.hostname, url=url, secrets=secrets, format=format_,
                             events=frozenset(events) if events is not None else None, allow_private=allow_private, **tuning)
         endpoints.append(endpoint)
     names = [e.name for e in endpoints]
     if len(set(names)) != len(names):
         raise ConfigError(f"{origin}: webhook names must differ (give each a name): {names}")
     return tuple(endpoints)
+
+
+def _format(format_: str, secrets: tuple[str, ...], events: list[str] | None, where: str) -> str:
+    """The endpoint's format, checked against its secrets and events."""
+    if format_ not in FORMATS:
+        raise ConfigError(f"{where}: format {format_!r}: choose {' or '.join(FORMATS)}")
+    for secret in secrets:
+        if (problem := secret_problem(format_, secret)) is not None:
+            raise ConfigError(f"{where}: secret: {problem}")
+    if format_ == AGENTCTL:
+        if len(secrets) > 1:
+            raise ConfigError(f"{where}: format \"agentctl\" takes one secret: its receivers check exactly one signature "
+                              "(rotate by changing it here and at the receiver together)")
+        if events is not None and not set(events) & AGENTCTL_TYPES:
+            raise ConfigError(f"{where}: format \"agentctl\" sends session.stopped only; events {events} would send nothing")
+    return format_
 
 
 _NATS_KEYS: dict[str, type | tuple[type, ...]] = {

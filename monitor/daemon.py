@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from monitor.config import Config, listen_address, load_config
+from monitor.config import Config, ConfigError, listen_address, load_config
 from monitor.engine import Engine
 from monitor.errors import MonitorError
 from monitor.launcher import Launcher
 from monitor.logs import configure_logging
-from monitor.metrics import Metrics, MetricsListener, by_label, engine_samples
+from monitor.metrics import Metrics, MetricsListener, by_label, engine_samples, is_loopback
 from monitor.server import Api, Server
 from monitor.webhooks import Webhooks
 
@@ -73,14 +73,41 @@ async def _watchdog(interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
+def metrics_address(config: Config) -> tuple[str, int] | None:
+    """Where the HTTP /metrics listener goes, checked before anything starts: a setting that can
+    never work (not HOST:PORT, not loopback) refuses the start, in one line that names it."""
+    if not config.metrics_listen:
+        return None
+    host, port = listen_address(config.metrics_listen)
+    if not is_loopback(host):
+        raise ConfigError(f"metrics_listen = {config.metrics_listen!r}: {host} is not a loopback address "
+                          "(the listener has no authentication): use 127.0.0.1, ::1 or localhost")
+    return host, port
+
+
+def start_metrics_listener(metrics: Metrics, config: Config, address: tuple[str, int]) -> tuple[MetricsListener | None, str | None]:
+    """The listener, or why there is none. A port that is taken, or an address family a sandbox
+    refuses, is the machine's state, not the config's: the daemon's work (sessions, locks, exit
+    statuses) matters more than a scrape endpoint, so it goes on without one, says so at ERROR
+    once, and `daemon.status` shows it; `monitor metrics` still works over the socket."""
+    try:
+        return metrics.serve_http(*address), None
+    except OSError as err:
+        problem = f"metrics_listen = {config.metrics_listen!r}: cannot listen: {err.strerror or err}"
+        log.error("%s; serving without the HTTP /metrics listener (`monitor metrics` still answers over the socket)", problem)
+        return None, problem
+
+
 async def serve(config: Config, config_file: str | None = None) -> int:
     status = 0
+    address = metrics_address(config)
     lock_fd = hold_instance_lock(config.state_dir)
     try:
         metrics = Metrics()
         engine = Engine(config.state_db, source=config.source, relist_interval_s=config.relist_interval_s,
                         child_grace_s=config.child_grace_s, exit_dir=config.exit_dir, retain_events_s=config.retain_events_s,
-                        hooks=config.hooks, hook_timeout_s=config.hook_timeout_s, observer=metrics)
+                        hooks=config.hooks, hook_timeout_s=config.hook_timeout_s, observer=metrics,
+                        orphans="kill" if config.orphans == "kill" else "keep")
         webhooks = Webhooks(config.webhooks, config.state_db, observer=metrics)
         engine.add_record_listener(lambda record: metrics.event(record.type))
         engine.add_record_listener(webhooks.offer)  # before the start: a stop found while down is sent too
@@ -94,7 +121,8 @@ async def serve(config: Config, config_file: str | None = None) -> int:
                 fleet.start()
                 link.start()
             launcher = Launcher(engine, config.exit_dir, config.log_dir)
-            server = Server(Api(engine, time.monotonic(), launcher, webhooks=webhooks, metrics=metrics, nats=sink), config.socket,
+            api = Api(engine, time.monotonic(), launcher, webhooks=webhooks, metrics=metrics, nats=sink)
+            server = Server(api, config.socket,
                             max_connections=config.max_connections, idle_timeout_s=config.idle_timeout_s,
                             subscriber_buffer=config.subscriber_buffer)
             server.on_drop = metrics.subscriber_dropped
@@ -107,8 +135,9 @@ async def serve(config: Config, config_file: str | None = None) -> int:
             await server.start()
             tasks = []
             loop = asyncio.get_running_loop()
-            if config.metrics_listen:
-                listener = metrics.serve_http(*listen_address(config.metrics_listen))
+            if address is not None:
+                listener, api.metrics_problem = start_metrics_listener(metrics, config, address)
+            if listener is not None:
                 tasks.append(loop.create_task(_refresh(metrics, 1.0)))  # the listener's thread reads what this caches
                 log.info("metrics on http://%s/metrics", listener.address)
             log.info("serving on %s with the %s source, state in %s", config.socket,

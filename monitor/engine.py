@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,12 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from monitor import reconcile
+from monitor import members, reconcile
 from monitor.actions import Actions
 from monitor.clock import Clock, SystemClock
 from monitor.committer import Committer, Rows, Work
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess
-from monitor.events import RELIST, Event, Exited, Forked, Overrun, SessionStopped, Transition
+from monitor.events import RELIST, Event, Exited, Forked, Overrun, SessionStopped, StateRecovered, Transition
 from monitor.fuses import DirFuse, FuseTable
 from monitor.hooks import HOOK_TIMEOUT_S
 from monitor.identity import ProcessKey, boot_id
@@ -40,8 +41,8 @@ from monitor.locks import Lock, LockTable
 from monitor.sources import select_source
 from monitor.sources.base import EventSource
 from monitor.sources.inotify import ExitFileSource
-from monitor.store import Batch, Record, Store
-from monitor.tracker import Policy, Session, Step, Tracker, Watch, new_session_id
+from monitor.store import Batch, Record, Recovery, Store
+from monitor.tracker import Orphans, Policy, Session, Step, Tracker, Watch, new_session_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,6 +71,10 @@ class Observer(Protocol):
 class AlreadyDead(MonitorError):
     def __init__(self, key: ProcessKey) -> None:
         super().__init__(f"process {key.pid} has already exited")
+
+
+class AlreadyFollowed(MonitorError):
+    """The process is a running session's already: a conflict, not a bad request."""
 
 
 def process_cwd(pid: int) -> str:
@@ -136,6 +141,7 @@ class Engine:
         hook_timeout_s: float = HOOK_TIMEOUT_S,
         observer: Observer | None = None,
         timers: bool = True,
+        orphans: Orphans = "keep",
     ) -> None:
         self.state_path = Path(state_path)
         self._source_arg = source
@@ -150,6 +156,7 @@ class Engine:
         self.hooks = dict(hooks or {})  # on_start / on_complete for every session (the config's)
         self.hook_timeout_s = hook_timeout_s
         self.observer = observer
+        self.orphans = orphans  # what a session does with its orphans unless it says (the config's)
         self.tracker = Tracker(child_grace_s=child_grace_s)
         self.locks = LockTable()
         self.boot_id = boot_id()
@@ -210,12 +217,25 @@ class Engine:
         restarted = self.submit(step)
         if restarted is not None:
             await restarted
-        self.recovered_launches = await reconcile.recover_launches(self, rebuilt=bool(getattr(self._store, "recovered", None)))
+        self.recovered_launches = await reconcile.recover_launches(self, rebuilt=self._store.recovered is not None)
+        if self._store.recovered is not None:
+            await self._recovered(self._store.recovered)
+        self.actions.cgroups.sweep({s.cgroup for s in self.tracker.running() if s.cgroup})  # leftovers of stopped sessions
         buffered, self._buffer = self._buffer or [], None
         for event in buffered:
             self._on_event(event)
         if self._timers:
             self._supervise(loop.create_task(self._timer_loop(), name="monitor-timers"))
+
+    async def _recovered(self, recovery: Recovery) -> None:
+        """Say once, loudly, that the state file was unusable, and tell subscribers."""
+        log.error("state file %s was unusable (%s): moved aside to %s (with its -wal and -shm); started on a fresh store, "
+                  "%d launched sessions recovered from their files%s", recovery.path, recovery.reason, recovery.moved_to,
+                  len(self.recovered_launches), f" ({', '.join(self.recovered_launches)})" if self.recovered_launches else "")
+        done = self.submit(Step([StateRecovered(str(recovery.path), str(recovery.moved_to), recovery.reason,
+                                                tuple(self.recovered_launches))]))
+        if done is not None:
+            await done
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
         """A core task that ends by an exception is the engine's end: `failed` says why."""
@@ -271,15 +291,26 @@ class Engine:
     def _on_event(self, event: Event) -> None:
         now, wall = self.clock.monotonic(), self.clock.wall()
         if isinstance(event, Exited):
-            # The lock goes first: released the moment its owner's exit is known.
-            step = Step(self.locks.release_owner(event.key, event.source))
+            step = Step()
+            # A launched tree's cgroup may hold members no fork event named (forked before it
+            # was followed): taken before its stop is judged (its root's exit, or its last
+            # tracked member's after the root's).
+            member_of = self.tracker.session_of(event.key) or self.tracker.session_rooted_at(event.key)
+            if member_of is not None and (event.key == member_of.key or (
+                    member_of.root_exit is not None and len(member_of.children) <= 1)):
+                step.extend(self.adopt_cgroup(member_of))
+            released: list[Transition] = []
+            if not self.tracker.holds_tree(event.key):  # a tree's lock is held until the tree is gone
+                # The lock goes first: released the moment its owner's exit is known.
+                released = self.locks.release_owner(event.key, event.source)
+                step.transitions += released
             if self.observer is not None:
-                self.observer.exit_applied(event, len(step.transitions))
+                self.observer.exit_applied(event, len(released))
             step.extend(self.tracker.on_exited(event, now, wall))
             step.cause_ns = event.kernel_ts_ns or event.observed_ns or None
         elif isinstance(event, Forked):
             step = self.tracker.on_forked(event)
-            if step.changed_sessions:
+            if step.children:
                 self.watch(Watch(event.child, True))
         elif isinstance(event, Overrun):
             self._next_relist = 0.0  # now
@@ -294,9 +325,14 @@ class Engine:
     def _after_stops(self, step: Step, now: float, wall: float) -> None:
         """A stopped session's locks go (if its events have not taken them already), and the
         last session to stop in a directory arms that directory's fuse."""
-        for transition in list(step.transitions):
+        for i, transition in enumerate(list(step.transitions)):
             if isinstance(transition, SessionStopped):
                 session = self.tracker.sessions[transition.session_id]
+                # Its descendants alive now are its orphans: named in its stop, followed until gone.
+                orphans = members.live_descendants(session, self.alive)
+                step.transitions[i] = dataclasses.replace(transition, orphans=[
+                    {"pid": key.pid, "key": key.to_dict(), "argv": argv} for key, argv in orphans])
+                step.extend(self.tracker.set_orphans(session.id, orphans, now))  # watched once stored
                 step.transitions += self.locks.release_owner(session.key, session.evidence or RELIST)
                 if not self.tracker.running_in(session.cwd):
                     self.fuses.last_session_stopped(session.cwd, now, wall)
@@ -322,7 +358,8 @@ class Engine:
 
     def _changed_rows(self, step: Step) -> Rows:
         """Every row a state machine changed since the last step (they report each one)."""
-        return Rows(set(step.changed_sessions), self.locks.take_changed(), self.fuses.take_changed())
+        return Rows(set(step.changed_sessions), self.locks.take_changed(), self.fuses.take_changed(),
+                    set(step.children), set(step.child_counts))
 
     def _serialize(self, rows: Rows) -> Batch:
         """The named rows, as they are in memory now (a row gone from memory is deleted)."""
@@ -337,6 +374,14 @@ class Engine:
         for directory in rows.fuses:
             fuse = self.fuses.fuses.get(directory)
             batch.fuses[directory] = _json(fuse.to_dict()) if fuse else None
+        for sid, key in rows.children:  # one row per child changed: a fork or an exit costs the same at any count
+            session = self.tracker.sessions.get(sid)
+            child = session.child(key) if session is not None else None
+            batch.children[(sid, str(key))] = _json(child.to_dict()) if child is not None else None
+        for sid in rows.child_counts:
+            session = self.tracker.sessions.get(sid)
+            if session is not None:
+                batch.child_counts[sid] = (session.children_exited, session.children_unobservable)
         return batch
 
     async def _write(self, batch: Batch) -> None:
@@ -372,12 +417,25 @@ class Engine:
     def watch(self, command: Watch) -> None:
         assert self.source is not None
         try:
-            self.source.watch(command.key, descendants=command.descendants)
+            self.source.watch(command.key, descendants=command.descendants, existing=command.existing)
             if self._exit_files is not None:
                 self._exit_files.watch(command.key)
         except (MonitorError, OSError) as err:
             log.warning("cannot follow %s: %s", command.key, err)
             self.submit(self.tracker.on_unobservable(command.key, self.clock.monotonic()))
+
+    def owner_alive(self, key: ProcessKey) -> bool:
+        """A lock's owner holds it while it lives, or while the tree of its tree session does."""
+        return self.tracker.holds_tree(key) or self.alive(key)
+
+    def adopt_cgroup(self, session: Session) -> Step:
+        """A launched tree session's cgroup members it does not follow yet (forked before it
+        was followed, or while we were down): followed from now on (watched once stored)."""
+        if session.policy != "tree" or session.cgroup is None or session.state != "running":
+            return Step()
+        step = self.tracker.adopt(session.id, members.cgroup_members(session))
+        step.commands += [Watch(key, True, existing=True) for (_sid, key), child in step.children.items() if child is not None]
+        return step
 
     def _unwatch(self, key: ProcessKey) -> None:
         for source in (self.source, self._exit_files):
@@ -480,6 +538,7 @@ class Engine:
         on_complete: str | None = None,
         owner_uid: int | None = None,
         session_id: str | None = None,
+        orphans: Orphans | None = None,
     ) -> Session:
         """Follow a process that a launcher started (or `attach` found) as a new session.
 
@@ -492,7 +551,7 @@ class Engine:
             raise AlreadyDead(key)
         followed = self.tracker.session_of(key)
         if followed is not None:
-            raise MonitorError(f"process {key.pid} is already followed by session {followed.id}")
+            raise AlreadyFollowed(f"process {key.pid} is already followed by session {followed.id}")
         now, wall = self.clock.monotonic(), self.clock.wall()
         try:
             directory = os.path.realpath(cwd or process_cwd(key.pid))
@@ -504,17 +563,23 @@ class Engine:
             started_at=wall, started_mono=now, timeout_s=timeout_s,
             deadline=now + timeout_s if timeout_s is not None else None, kill_on_timeout=kill_on_timeout,
             exit_file=exit_file, log_file=log_file, pgid=pgid, cgroup=cgroup, on_start=on_start, on_complete=on_complete,
-            owner_uid=owner_uid,
+            owner_uid=owner_uid, orphans_policy=orphans or self.orphans,
         )
         step = Step()
         locks_before = self.locks.snapshot(directory)
         fuse_before = self.fuses.snapshot(directory)
         if lock and not force:
             step.transitions += self.locks.acquire(
-                Lock(directory, "auto", key, session.id, locked_at=wall, owner_uid=owner_uid), self.alive)
+                Lock(directory, "auto", key, session.id, locked_at=wall, owner_uid=owner_uid), self.owner_alive)
         step.extend(self.tracker.add(session))
         self.fuses.session_started(directory)
-        if ended:  # a launch that was over before we could follow it
+        step.extend(self.adopt_cgroup(session))
+        if ended and session.children:  # a tree whose root was over before we could follow it, its members not
+            step.commands = [c for c in step.commands if not (isinstance(c, Watch) and c.key == key)]
+            ended_as = reconcile.exit_file_status(session) or Exited.from_wait_status(key, None, RELIST)
+            step.extend(self.tracker.on_exited(ended_as, now, wall))
+            self._after_stops(step, now, wall)
+        elif ended:  # a launch that was over before we could follow it
             step.extend(reconcile.stop_dead(self, session, wall))
             step.commands = []
             self._after_stops(step, now, wall)
@@ -551,12 +616,16 @@ class Engine:
     def sessions(self, *, include_stopped: bool = False) -> list[Session]:
         return [s for s in self.tracker.sessions.values() if include_stopped or s.state == "running"]
 
+    def orphaned(self) -> list[Session]:
+        """Stopped sessions whose orphans still live."""
+        return self.tracker.orphaned()
+
     def blocking_children(self, prefix: str) -> list[Any]:
         return self.tracker.blocking_children(self.tracker.get(prefix).id)
 
     async def _take_lock(self, lock: Lock) -> Lock:
         before = self.locks.snapshot(lock.directory)
-        await self._request(Step(self.locks.acquire(lock, self.alive)), lambda: self.locks.restore(before))
+        await self._request(Step(self.locks.acquire(lock, self.owner_alive)), lambda: self.locks.restore(before))
         return lock
 
     async def lock(self, directory: str, *, by: str | None = None, reason: str | None = None, owner_uid: int | None = None) -> Lock:

@@ -7,7 +7,7 @@ status that a source cannot know is `None`, never a made-up 0.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from monitor.identity import ProcessKey
@@ -191,7 +191,8 @@ class SessionStopped(Transition):
     """The session's one stop. reason: exited (it ended by itself), killed (after a stop
     request), timeout (after its master timeout fired), lost (dead, nothing tells how),
     reboot (its boot is over), not_started (a launch registered, but the daemon died
-    before its go: the command never ran)."""
+    before its go: the command never ran). `orphans`: its descendants still alive at the
+    stop, each {pid, key, argv} (empty when none)."""
 
     type: ClassVar[str] = "session.stopped"
     session_id: str
@@ -200,6 +201,20 @@ class SessionStopped(Transition):
     signal: int | None
     evidence: str
     duration_s: float
+    orphans: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def subject(self) -> str:
+        return self.session_id
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOrphansGone(Transition):
+    """Every orphan a stopped session left (`count` of them) is gone now."""
+
+    type: ClassVar[str] = "session.orphans_gone"
+    session_id: str
+    count: int
 
     @property
     def subject(self) -> str:
@@ -285,6 +300,25 @@ class FuseFired(Transition):
 
 
 @dataclass(frozen=True, slots=True)
+class FuseActionFailed(Transition):
+    """A fired fuse's action did not succeed: it exited non-zero (exit_code / signal), was
+    killed at its timeout (timed_out), or could not run (error)."""
+
+    type: ClassVar[str] = "fuse.action_failed"
+    directory: str
+    action: str
+    armed_at: float
+    exit_code: int | None
+    signal: int | None
+    error: str | None
+    timed_out: bool = False
+
+    @property
+    def subject(self) -> str:
+        return f"{self.directory}@{self.armed_at}/action"
+
+
+@dataclass(frozen=True, slots=True)
 class HookFailed(Transition):
     """A session's hook (on_start, on_complete, or the config's) did not succeed: it exited
     non-zero (exit_code / signal), was killed at its timeout, or could not run (error)."""
@@ -301,5 +335,29 @@ class HookFailed(Transition):
         return f"{self.session_id}/{self.hook}"
 
 
+@dataclass(frozen=True, slots=True)
+class StateRecovered(Transition):
+    """The state file was unusable at start-up (corrupt, truncated, not a database, its WAL
+    cut): moved aside to `moved_to`, and the daemon started on a fresh store, with the
+    launched sessions it could rebuild from their files (`sessions`). Sessions, locks and
+    fuses it held otherwise are gone; the event log starts again (this is its first event)."""
+
+    type: ClassVar[str] = "state.recovered"
+    path: str
+    moved_to: str
+    reason: str
+    sessions: tuple[str, ...] = ()
+
+    @property
+    def subject(self) -> str:
+        return self.moved_to
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "path": self.path, "moved_to": self.moved_to, "reason": self.reason,
+                "sessions": list(self.sessions)}
+
+
 TRANSITION_TYPES = tuple(cls.type for cls in (SessionStarted, SessionStopped, SessionTimedOut, ChildExited, ChildUnobservable,
-                                               LockAcquired, LockReleased, FuseFired, HookFailed))
+                                               LockAcquired, LockReleased, FuseFired, FuseActionFailed, HookFailed,
+                                               StateRecovered,
+                                               SessionOrphansGone))

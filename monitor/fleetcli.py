@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -28,33 +27,41 @@ class FleetUnreachable(MonitorError):
     pass
 
 
-def add_parser(sub: Any, parse_duration: Any, types: Any) -> None:
-    p = sub.add_parser("fleet", help="every host's sessions, locks and events, from NATS JetStream",
-                       description="Read the fleet from NATS JetStream: what each daemon with a [nats] table publishes.")
-    fleet = p.add_subparsers(dest="fleet_command", required=True)
+COMMANDS = ("hosts", "list", "locks", "events")
+
+
+def add_parser(p: argparse.ArgumentParser, formatter: Any, parse_duration: Any, types: Any, add_json: Any) -> None:
+    """`fleet`'s subcommands under `p`, described as every command is (monitor.cli)."""
+    fleet = p.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        q = fleet.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".", formatter_class=formatter)
+        q.set_defaults(parser=q)
+        return q
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--config", metavar="FILE", help="a config whose [nats] table says where and how to connect")
-        q.add_argument("--nats", metavar="URL", help="NATS server URL(s), comma-separated (instead of the config's servers)")
-        q.add_argument("--json", action="store_true")
+        q.add_argument("--config", metavar="FILE", help="a config whose [nats] table says where and how to connect "
+                       "(default: the daemon's default config file)")
+        q.add_argument("--nats", metavar="URL", help="NATS server URL(s), comma-separated (default: the config's servers)")
+        add_json(q)
 
-    q = fleet.add_parser("hosts", help="every host, up or unreachable (its heartbeat is old)")
+    q = command("hosts", "every host, up or unreachable (its heartbeat is old)")
     common(q)
-    q = fleet.add_parser("list", help="running sessions on every host")
-    q.add_argument("--host", metavar="H", help="only this host's")
+    q = command("list", "running sessions on every host")
+    q.add_argument("--host", metavar="H", help="only this host's (default: every host's)")
     common(q)
-    q = fleet.add_parser("locks", help="directory locks on every host")
-    q.add_argument("--host", metavar="H", help="only this host's")
+    q = command("locks", "directory locks on every host")
+    q.add_argument("--host", metavar="H", help="only this host's (default: every host's)")
     common(q)
-    q = fleet.add_parser("events", help="events from the stream, oldest first (default: the last hour)")
-    q.add_argument("--host", metavar="H", help="only this host's")
+    q = command("events", "events from the stream, oldest first (default: the last hour)")
+    q.add_argument("--host", metavar="H", help="only this host's (default: every host's)")
     q.add_argument("--type", metavar="TYPES", type=lambda text: types(text, TRANSITION_TYPES),
-                   help=f"comma-separated: {','.join(TRANSITION_TYPES)}")
+                   help=f"comma-separated: {','.join(TRANSITION_TYPES)} (default: all)")
     when = q.add_mutually_exclusive_group()
     when.add_argument("--since", metavar="TIME", type=lambda text: since_time(text, parse_duration),
-                      help="an ISO 8601 time, or a duration ago (10m, 2h, 1d)")
+                      help="an ISO 8601 time, or a duration ago: 10m, 2h, 1d (default: 1h ago)")
     when.add_argument("--all", action="store_true", help="from the first event the stream keeps")
-    q.add_argument("-f", "--follow", action="store_true", help="then go on printing new ones")
+    q.add_argument("-f", "--follow", action="store_true", help="then go on printing new ones (Ctrl-C ends it)")
     common(q)
 
 
@@ -87,18 +94,9 @@ def settings(args: argparse.Namespace) -> NatsConfig:
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     config = settings(args)
 
-    async def main() -> int:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, task.cancel)
-        try:
-            return await _command(args, config, out)
-        except asyncio.CancelledError:
-            return 0
-
-    return asyncio.run(main())
+    # Ctrl-C: asyncio.run cancels the command (its connection closes) and raises
+    # KeyboardInterrupt, which the CLI makes 130, as for every command.
+    return asyncio.run(_command(args, config, out))
 
 
 async def _command(args: argparse.Namespace, config: NatsConfig, out: TextIO) -> int:
@@ -130,25 +128,25 @@ async def _command(args: argparse.Namespace, config: NatsConfig, out: TextIO) ->
 
 
 def render(command: str, rows: list[dict[str, Any]]) -> str:
-    from monitor.cli import _ago, table
+    from monitor.cli import ago, table
 
     if command == "hosts":
         if not rows:
             return "no hosts have reported yet"
-        return table([[h["host"], h["status"], _ago(h["last_seen"]), str(h.get("version")), str(h.get("sessions_running")),
+        return table([[h["host"], h["status"], ago(h["last_seen"]), str(h.get("version")), str(h.get("sessions_running")),
                        str(h.get("locks")), str(h.get("pending_events", "-"))] for h in rows],
                      ["HOST", "STATUS", "LAST SEEN", "VERSION", "SESSIONS", "LOCKS", "UNPUBLISHED"])
     if command == "list":
         if not rows:
             return "no sessions running on any host"
         return table([[s["host"] + ("" if s["host_status"] == "up" else f" ({s['host_status']})"), s["id"], str(s["pid"]),
-                       _ago(s["started_at"]), s["cwd"], " ".join(s["argv"])[:40]] for s in rows],
+                       ago(s["started_at"]), s["cwd"], " ".join(s["argv"])[:40]] for s in rows],
                      ["HOST", "ID", "PID", "STARTED", "CWD", "COMMAND"])
     if not rows:
         return "no locks held on any host"
     return table([[lk["host"] + ("" if lk["host_status"] == "up" else f" ({lk['host_status']})"), lk["directory"], lk["kind"],
                    str(lk["pid"] or "-"), lk["session_id"] or "-", (lk["by"] or "-") + (f": {lk['reason']}" if lk["reason"] else ""),
-                   _ago(lk["locked_at"])] for lk in rows],
+                   ago(lk["locked_at"])] for lk in rows],
                  ["HOST", "DIRECTORY", "KIND", "PID", "SESSION", "HELD BY", "SINCE"])
 
 

@@ -194,3 +194,45 @@ def zombie_exit_status(key: ProcessKey) -> int | None:
         except OSError:
             return None
     return stat.exit_status
+
+
+def children_of(pid: int) -> list[int]:
+    """The PIDs of the processes whose parent is `pid` now (empty when it is gone).
+
+    Each thread's `/proc/PID/task/TID/children` lists the children that thread forked
+    (proc(5); Linux >= 3.5 with CONFIG_PROC_CHILDREN), so every thread is read. Where
+    that file is missing, psutil scans the whole process table instead.
+    """
+    if HAVE_PROC and os.path.exists(f"/proc/{pid}/task/{pid}/children"):
+        found: list[int] = []
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return []
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                    found += [int(p) for p in f.read().split()]
+            except OSError:  # the thread ended while we read
+                continue
+        return found
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
+
+
+def argv_of(pid: int) -> list[str]:
+    """The command line of `pid` (empty when gone, or a kernel thread)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        import psutil
+
+        try:
+            return list(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            return []

@@ -149,6 +149,7 @@ class AttachParams(Hooks, kw_only=True):
     kill_on_timeout: bool = False
     lock: bool = True
     force: bool = False
+    orphans: Literal["keep", "kill"] | None = None  # None: the config's `orphans`
 
     def __post_init__(self) -> None:
         if self.cwd is not None:
@@ -166,6 +167,7 @@ class LaunchParams(Hooks, kw_only=True):
     force: bool = False
     tree: bool = False
     log: PathText | None = None
+    orphans: Literal["keep", "kill"] | None = None  # None: the config's `orphans`
 
     def __post_init__(self) -> None:
         if not self.argv[0]:
@@ -181,6 +183,10 @@ class ListParams(Params, kw_only=True):
 
 class SessionParams(Params, kw_only=True):
     id: SessionRef
+
+
+class OrphansParams(Params, kw_only=True):
+    id: SessionRef | None = None  # one session's; None: every stopped session's
 
 
 class StopParams(Params, kw_only=True):
@@ -262,6 +268,7 @@ METHODS: dict[str, type[Params]] = {
     "session.get": SessionParams,
     "session.stop": StopParams,
     "session.children": SessionParams,
+    "session.orphans": OrphansParams,
     "lock.acquire": LockParams,
     "lock.release": DirectoryParams,
     "lock.list": NoParams,

@@ -2,10 +2,13 @@
 
 The engine loads every running session, lock and fuse, then:
 
-- a session whose process lives is followed again (its children too); one whose process
-  died while the daemon was down stops exactly once, with the status its launch wrapper
-  left in the exit file ("exited"), else as "lost"; one of an earlier boot as "reboot".
-- a lock whose owner died is released. A launch's reservation (a lock with no owner yet)
+- a session whose process lives is followed again (its children too; a `tree` session's
+  descendants forked while the daemon was down are taken from /proc and its cgroup); one
+  whose process died while the daemon was down stops exactly once, with the status its
+  launch wrapper left in the exit file ("exited"), else as "lost"; one of an earlier boot
+  as "reboot". A `tree` session whose root died runs on while a descendant lives.
+- the live orphans of stopped sessions are followed again (until they are gone).
+- a lock whose owner died is released, unless a tree session's tree still holds it. A launch's reservation (a lock with no owner yet)
   is released too: a launch that was never registered never ran, because its command
   waits for the daemon's go, and the go comes only after the registration is stored.
 - the files a launch leaves in the exit directory (`ID.launch`, `ID.start`, `ID.exit`)
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from monitor import cgroups
+from monitor import cgroups, members
 from monitor.errors import MonitorError
 from monitor.events import RELIST, Exited
 from monitor.fuses import DirFuse
@@ -95,16 +98,28 @@ def load(engine: Engine, sessions: list[dict[str, Any]], locks: list[dict[str, A
     for data in fuses:
         engine.fuses.load(DirFuse.from_dict(data), now, wall)
     for session in engine.tracker.running():
+        tree = session.policy == "tree"
+        root_alive = session.root_exit is None and engine.alive(session.key)
         if session.key.boot_id != engine.boot_id:
             step.extend(engine.tracker.stop_unverifiable(session, "reboot", None, wall))
-        elif not engine.alive(session.key):
+        elif not root_alive and not (tree and members.live_descendants(session, engine.alive)):
             step.extend(stop_dead(engine, session, wall))
         else:
-            engine.watch(Watch(session.key, True))
-            for child in session.children.values():
-                if child.state == "running":
-                    engine.watch(Watch(child.key, True))
+            if root_alive:
+                engine.watch(Watch(session.key, True, existing=tree))
+            elif session.root_exit is None:  # a tree's root that ended while we were down
+                ended = exit_file_status(session) or Exited.from_wait_status(session.key, None, RELIST)
+                step.extend(engine.tracker.on_exited(ended, now, wall))
+            for child in list(session.children.values()):
+                if child.state == "running":  # a dead one's Exited is found here, and applied after the load
+                    engine.watch(Watch(child.key, True, existing=tree))
+            step.extend(engine.adopt_cgroup(session))
+    for stopped in engine.tracker.orphaned():
+        for orphan in stopped.live_orphans():
+            engine.watch(Watch(ProcessKey.from_dict(orphan["key"]), False))
     for lock in list(engine.locks.locks.values()):
+        if lock.owner is not None and engine.tracker.holds_tree(lock.owner):
+            continue  # its session's tree lives on: the lock goes when the tree does
         if lock.owner is not None and (lock.owner.boot_id != engine.boot_id or not engine.alive(lock.owner)):
             step.transitions += engine.locks.release_owner(lock.owner, RELIST)
         elif lock.kind == "auto" and lock.owner is None:  # a launch never registered: it never ran
@@ -115,6 +130,8 @@ def load(engine: Engine, sessions: list[dict[str, Any]], locks: list[dict[str, A
 
 def stop_dead(engine: Engine, session: Session, wall: float) -> Step:
     status = exit_file_status(session)
+    if status is None and session.root_exit is not None:  # a tree's root ended before: its end is the one
+        return engine.tracker.stop_unverifiable(session, "exited", None, wall)
     if status is None:
         return engine.tracker.stop_unverifiable(session, "lost", None, wall)
     if session.exit_file and _ran(Path(session.exit_file)) is False:

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from monitor import __version__
 from monitor.access import can_access
-from monitor.engine import AlreadyDead, Engine, process_cwd
+from monitor.engine import AlreadyDead, AlreadyFollowed, Engine, process_cwd
 from monitor.errors import AccessDenied, MonitorError, NoSuchProcess, StorageError
 from monitor.fuses import NoFuse
+from monitor.identity import read_stat
 from monitor.launcher import Launcher, LaunchFailed
 from monitor.locks import LockHeld, NotLocked
 from monitor.metrics import Metrics
@@ -58,6 +59,7 @@ from monitor.protocol import (
     ListParams,
     LockParams,
     NoParams,
+    OrphansParams,
     ProtocolError,
     Request,
     SessionParams,
@@ -129,6 +131,16 @@ def internal(what: str, err: BaseException) -> str:
     return f"internal (request {rid})"
 
 
+def monitors_own(pid: int, asking: int) -> bool:
+    """Whether `pid` is monitor's own: the daemon, the client asking, or a child of the daemon
+    (a launch's wrapper, a hook, a fuse action). A launched command is its wrapper's child, so
+    it is not; a process that is gone is nobody's."""
+    if pid in (os.getpid(), asking):
+        return True
+    stat = read_stat(pid)
+    return stat is None or stat.ppid == os.getpid()
+
+
 class Api:
     """The methods, each checked against the peer before it touches the engine. A handler
     gets its params as the typed, checked struct that its method's schema declares."""
@@ -142,11 +154,12 @@ class Api:
         self.webhooks = webhooks
         self.metrics = metrics
         self._checks = asyncio.Semaphore(CHECKS_AT_ONCE)
+        self.metrics_problem: str | None = None  # why the HTTP /metrics listener is not serving
         self.methods: dict[str, Callable[[Peer, Any], Awaitable[Any]]] = {
             "hello": self.hello, "daemon.status": self.status,
             "session.attach": self.attach, "session.launch": self.launch,
             "session.list": self.list_sessions, "session.get": self.get,
-            "session.stop": self.stop, "session.children": self.children,
+            "session.stop": self.stop, "session.children": self.children, "session.orphans": self.orphans,
             "lock.acquire": self.lock, "lock.release": self.unlock, "lock.list": self.locks, "lock.who": self.who,
             "fuse.set": self.fuse_set, "fuse.extend": self.fuse_extend, "fuse.cancel": self.fuse_cancel,
             "fuse.list": self.fuses, "metrics": self.render_metrics,
@@ -164,7 +177,7 @@ class Api:
             raise ProtocolError(NOT_FOUND, str(err)) from None
         except LockHeld as err:
             raise ProtocolError(LOCK_HELD, str(err)) from None
-        except (AlreadyDead, LaunchFailed) as err:
+        except (AlreadyDead, AlreadyFollowed, LaunchFailed) as err:
             raise ProtocolError(CONFLICT, str(err)) from None
         except (AccessDenied, ForeignNamespace) as err:
             raise ProtocolError(FORBIDDEN, str(err)) from None
@@ -203,7 +216,8 @@ class Api:
                 "source": source.name if source else None, "source_stats": source.stats() if source else {},
                 "sessions_running": len(self.engine.sessions()), "locks": len(self.engine.locks.locks),
                 "fuses": len(self.engine.fuses.fuses), "state_db": str(self.engine.state_path),
-                "store": self.engine.store_failure or "ok", "nats": self.nats.status() if self.nats is not None else None}
+                "store": self.engine.store_failure or "ok", "metrics_problem": self.metrics_problem,
+                "nats": self.nats.status() if self.nats is not None else None}
 
     async def attach(self, peer: Peer, p: AttachParams) -> Any:
         pid = await asyncio.to_thread(translate, peer.pid, p.pid)  # the peer's PID namespace may not be ours
@@ -221,7 +235,7 @@ class Api:
             await self._may(peer, cwd, os.W_OK, "you may lock only a directory you can write (or attach with lock=false)")
         session = await self.engine.attach(
             pid, cwd=cwd, labels=p.labels, policy=p.policy, timeout_s=p.timeout_s, kill_on_timeout=p.kill_on_timeout,
-            lock=p.lock, force=p.force, owner_uid=peer.uid, **p.hooks())
+            lock=p.lock, force=p.force, owner_uid=peer.uid, orphans=p.orphans, **p.hooks())
         return session.public()
 
     async def launch(self, peer: Peer, p: LaunchParams) -> Any:
@@ -236,7 +250,7 @@ class Api:
         session = await self.launcher.launch(
             p.argv, cwd=p.cwd, env=p.env, uid=peer.uid, gid=peer.gid, labels=p.labels,
             policy="tree" if p.tree else "root", timeout_s=p.timeout_s, kill_on_timeout=p.kill_on_timeout,
-            lock=p.lock, force=p.force, log=p.log, **p.hooks())
+            lock=p.lock, force=p.force, log=p.log, orphans=p.orphans, **p.hooks())
         return session.public()
 
     async def list_sessions(self, peer: Peer, p: ListParams) -> Any:
@@ -260,8 +274,15 @@ class Api:
 
     async def children(self, peer: Peer, p: SessionParams) -> Any:
         session = self.engine.session(p.id)
-        return {"children": [c.to_dict() for c in session.children.values()],
+        return {"children": [c.to_dict() for c in (*session.recent, *session.children.values())],
+                "summary": session.child_summary(),
                 "blocking": [c.to_dict() for c in self.engine.blocking_children(session.id)]}
+
+    async def orphans(self, peer: Peer, p: OrphansParams) -> Any:
+        """The live orphans of stopped sessions (of one, with `id`), each with its session."""
+        sessions = [self.engine.session(p.id)] if p.id is not None else self.engine.orphaned()
+        return [{**orphan, "session_id": s.id, "cwd": s.cwd, "orphans_policy": s.orphans_policy}
+                for s in sessions for orphan in s.live_orphans()]
 
     async def lock(self, peer: Peer, p: LockParams) -> Any:
         await self._may(peer, p.directory, os.W_OK, "you may lock only a directory you can write")
@@ -280,7 +301,8 @@ class Api:
         return [lock.public() for lock in sorted(self.engine.locks.locks.values(), key=lambda lk: lk.directory)]
 
     async def who(self, peer: Peer, p: DirectoryParams) -> Any:
-        return await self.engine.who_uses(p.directory)
+        found = await self.engine.who_uses(p.directory)
+        return [found_ for found_ in found if not monitors_own(found_["pid"], peer.pid)]
 
     async def fuse_set(self, peer: Peer, p: FuseSetParams) -> Any:
         existing = self.engine.fuses.fuses.get(p.directory)
@@ -464,12 +486,18 @@ class Server:
         try:
             params = decode_params(request.method, request.params)
             assert isinstance(params, SubscribeParams)
+            session = params.session
+            if session is not None:  # a session nobody knows would be waited on for ever
+                try:
+                    session = self.api.engine.session(session).id
+                except UnknownSession as err:
+                    raise ProtocolError(NOT_FOUND, str(err)) from None
         except ProtocolError as err:
             writer.write(error(request.id, err.code, err.message))
             await writer.drain()
             return
         since = params.since
-        subscriber = Subscriber(writer, request.id, params.types, params.session, self.subscriber_buffer)
+        subscriber = Subscriber(writer, request.id, params.types, session, self.subscriber_buffer)
         self._subscribers.add(subscriber)
         try:
             last = await self.api.engine.last_event_id()
@@ -493,6 +521,10 @@ class Server:
             while (live := await subscriber.next()) is not None:
                 if live.seq is not None and live.seq > sent:
                     await subscriber.send(live)
+        except StorageError as err:  # a damaged page of the event log: say so, and end this stream only
+            log.error("events.subscribe: cannot read the event log: %s", err)
+            writer.write(error(request.id, STORAGE, str(err)))
+            await writer.drain()
         finally:
             self._subscribers.discard(subscriber)
 
@@ -639,19 +671,29 @@ def bind_socket(path: Path) -> socket.socket:
             path.unlink()  # stale: nobody listens
         finally:
             probe.close()
+    # Bound and listening under a name of its own first, then linked into place: a client
+    # that finds the socket can connect at once (never "connection refused" from a socket
+    # that is bound but not yet listening), and link(2), unlike rename, never replaces
+    # another daemon's socket that appeared meanwhile.
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        staging.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # created 0600, then opened up on purpose below
     try:
-        sock.bind(str(path))
+        sock.bind(str(staging))
+        # Every user may connect; what each may do is decided per request from SO_PEERCRED.
+        os.chmod(staging, 0o666 if os.geteuid() == 0 else 0o600)
+        sock.listen(socket.SOMAXCONN)  # a burst of connects waits in the backlog, not refused
+        os.link(staging, path)
     except OSError as err:
         sock.close()
-        if err.errno == errno.EADDRINUSE:
+        if err.errno in (errno.EADDRINUSE, errno.EEXIST):
             raise MonitorError(f"{path} is in use") from None
         raise
     finally:
         os.umask(old)
-    # Every user may connect; what each may do is decided per request from SO_PEERCRED.
-    os.chmod(path, 0o666 if os.geteuid() == 0 else 0o600)
-    sock.listen(128)
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
     sock.setblocking(False)
     return sock

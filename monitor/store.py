@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor import integrity
 from monitor.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,20 @@ MIGRATIONS = [
     """
     CREATE TABLE sink_cursors (sink TEXT PRIMARY KEY, cursor INTEGER NOT NULL, updated_at REAL NOT NULL);
     """,
+    # 5: a session's children as rows of their own (a fork or an exit writes one row, not the
+    # whole session), and its counts of ended children; moved out of the session records
+    """
+    CREATE TABLE children (session_id TEXT NOT NULL, key TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY (session_id, key));
+    CREATE TABLE child_counts (session_id TEXT PRIMARY KEY, exited INTEGER NOT NULL, unobservable INTEGER NOT NULL);
+    INSERT INTO children(session_id, key, data)
+        SELECT s.id, json_extract(c.value, '$.key.pid') || '@' || json_extract(c.value, '$.key.start_time_ticks'), c.value
+        FROM sessions s, json_each(s.data, '$.children') c;
+    INSERT INTO child_counts(session_id, exited, unobservable)
+        SELECT s.id, (SELECT count(*) FROM json_each(s.data, '$.children') c WHERE json_extract(c.value, '$.state') = 'exited'),
+               (SELECT count(*) FROM json_each(s.data, '$.children') c WHERE json_extract(c.value, '$.state') = 'unobservable')
+        FROM sessions s WHERE json_array_length(s.data, '$.children') > 0;
+    UPDATE sessions SET data = json_remove(data, '$.children')
+    """,
 ]
 
 
@@ -104,9 +120,11 @@ class Batch:
     locks: dict[str, str | None] = field(default_factory=dict)  # directory -> json, None: delete
     fuses: dict[str, str | None] = field(default_factory=dict)
     outbox: list[Record] = field(default_factory=list)
+    children: dict[tuple[str, str], str | None] = field(default_factory=dict)  # (session id, key) -> json, None: delete
+    child_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # session id -> (exited, unobservable)
 
     def __bool__(self) -> bool:
-        return bool(self.sessions or self.locks or self.fuses or self.outbox)
+        return bool(self.sessions or self.locks or self.fuses or self.outbox or self.children or self.child_counts)
 
     def merge(self, later: Batch) -> None:
         """Take in a later batch: its rows win, its outbox rows follow ours."""
@@ -114,6 +132,8 @@ class Batch:
         self.locks.update(later.locks)
         self.fuses.update(later.fuses)
         self.outbox += later.outbox
+        self.children.update(later.children)
+        self.child_counts.update(later.child_counts)
 
     def add_transition(self, payload: dict[str, Any], subject: str, at: float) -> Record:
         record = Record(uuid.uuid4().hex, payload["type"], subject, payload, at)
@@ -121,12 +141,36 @@ class Batch:
         return record
 
 
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """A state file found unusable at open: moved aside to `moved_to`, for `reason`; the
+    store then starts fresh."""
+
+    path: Path
+    moved_to: Path
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": str(self.path), "moved_to": str(self.moved_to), "reason": self.reason}
+
+
 class Store:
-    """The SQLite file. Not thread-safe: the engine calls it from one worker thread."""
+    """The SQLite file. Not thread-safe: the engine calls it from one worker thread.
+
+    Opening checks the file first (`monitor.integrity`): one that is corrupt, truncated,
+    not a database, or whose WAL lost committed frames is moved aside with its -wal and
+    -shm (`state.db.corrupt-<UTC time>`) and a fresh store is built; `recovered` says so.
+    A schema newer than this code is refused (StateTooNew) and left untouched.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.recovered: Recovery | None = None
+        verdict = integrity.check(self.path, len(MIGRATIONS))
+        if verdict is not None:
+            moved = integrity.move_aside(self.path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+            self.recovered = Recovery(self.path, moved, verdict.reason)
         self._db = connect(self.path, synchronous="FULL")
         try:
             self.migrate()
@@ -137,7 +181,8 @@ class Store:
     def migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
-            raise RuntimeError(f"{self.path} has schema version {version}, newer than this monitor knows ({len(MIGRATIONS)})")
+            raise integrity.StateTooNew(f"{self.path} has schema version {version}, newer than this monitor knows "
+                                        f"({len(MIGRATIONS)})")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -154,9 +199,19 @@ class Store:
         self._db.close()
 
     def load(self, stopped_since: float = 0.0) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-        """Running sessions and those stopped since `stopped_since` (wall), every lock and fuse."""
+        """Running sessions and those stopped since `stopped_since` (wall), each with its
+        stored children and child counts; every lock and fuse."""
         sessions = [json.loads(d) for (d,) in self._db.execute(
             "SELECT data FROM sessions WHERE state = 'running' OR stopped_at >= ?", (stopped_since,))]
+        by_id = {s["id"]: s for s in sessions}
+        for sid, data in self._db.execute(
+                "SELECT c.session_id, c.data FROM children c JOIN sessions s ON s.id = c.session_id "
+                "WHERE s.state = 'running' OR s.stopped_at >= ?", (stopped_since,)):
+            by_id[sid].setdefault("children", []).append(json.loads(data))
+        for sid, exited, unobservable in self._db.execute(
+                "SELECT c.session_id, c.exited, c.unobservable FROM child_counts c JOIN sessions s ON s.id = c.session_id "
+                "WHERE s.state = 'running' OR s.stopped_at >= ?", (stopped_since,)):
+            by_id[sid]["child_counts"] = (exited, unobservable)
         locks = [json.loads(d) for (d,) in self._db.execute("SELECT data FROM locks")]
         fuses = [json.loads(d) for (d,) in self._db.execute("SELECT data FROM fuses")]
         return sessions, locks, fuses
@@ -174,6 +229,14 @@ class Store:
                 db.executemany(f"INSERT INTO {table}(directory, data) VALUES (?, ?) "
                                "ON CONFLICT(directory) DO UPDATE SET data = excluded.data",
                                [(d, v) for d, v in rows.items() if v is not None])
+            db.executemany("DELETE FROM children WHERE session_id = ? AND key = ?",
+                           [key for key, v in batch.children.items() if v is None])
+            db.executemany("INSERT INTO children(session_id, key, data) VALUES (?, ?, ?) "
+                           "ON CONFLICT(session_id, key) DO UPDATE SET data = excluded.data",
+                           [(*key, v) for key, v in batch.children.items() if v is not None])
+            db.executemany("INSERT INTO child_counts(session_id, exited, unobservable) VALUES (?, ?, ?) "
+                           "ON CONFLICT(session_id) DO UPDATE SET exited = excluded.exited, unobservable = excluded.unobservable",
+                           [(sid, *counts) for sid, counts in batch.child_counts.items()])
             for record in batch.outbox:
                 cursor = db.execute("INSERT OR IGNORE INTO outbox(id, type, subject, payload, created_at) VALUES (?, ?, ?, ?, ?)",
                                     (record.id, record.type, record.subject, record.body, record.created_at))
@@ -191,11 +254,17 @@ class Store:
             raise
 
     def outbox(self, since: int = 0, limit: int = 1000) -> list[Record]:
-        """The event log after `since`, in order."""
-        return outbox_after(self._db, since, limit)
+        """The event log after `since`, in order. StorageError when a page of it cannot be read."""
+        try:
+            return outbox_after(self._db, since, limit)
+        except sqlite3.Error as err:
+            raise StorageError.of(err) from err
 
     def last_seq(self) -> int:
-        return last_seq(self._db)
+        try:
+            return last_seq(self._db)
+        except sqlite3.Error as err:
+            raise StorageError.of(err) from err
 
     def prune(self, before: float) -> int:
         """Forget events (and their deliveries) older than `before` (wall); how many went."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -13,8 +12,6 @@ from monitor.identity import ProcessKey
 from monitor.sources import open_source
 from monitor.sources.base import EventSource
 
-log = logging.getLogger(__name__)
-
 
 def _key(target: int | ProcessKey) -> ProcessKey:
     return target if isinstance(target, ProcessKey) else ProcessKey.of(target)
@@ -22,10 +19,11 @@ def _key(target: int | ProcessKey) -> ProcessKey:
 
 async def wait_on(
     source: EventSource, keys: Iterable[ProcessKey], *, any_: bool = False, timeout: float | None = None,
-    on_exit: Callable[[Exited], None] | None = None,
+    on_exit: Callable[[Exited], None] | None = None, watching: Callable[[], None] | None = None,
 ) -> list[Exited]:
     """Watch `keys` on a started source and return their `Exited` events in arrival order:
     all of them, or the first with `any_`. Raises TimeoutError after `timeout` seconds.
+    `watching` is called once every key is watched (a readiness signal for callers).
 
     Each is taken by the source's listener (`set_listener`), inside its read callback:
     the shortest path from the kernel, and `on_exit` is called right there, before this
@@ -52,7 +50,8 @@ async def wait_on(
         for key in keys:
             if not done.done():
                 source.watch(key)  # a key found dead here is taken at once
-        log.info("waiting for %s with %s", ", ".join(str(k.pid) for k in keys), source.name)
+        if watching is not None:
+            watching()
         if not done.done():
             await asyncio.wait_for(asyncio.shield(done), timeout)
     finally:
@@ -69,8 +68,11 @@ async def wait_for_exits(
     """Wait for processes (PIDs or keys) to exit; NoSuchProcess for a PID that does not exist."""
     deadline = None if timeout is None else time.monotonic() + timeout
     options.setdefault("types", ("exit",))
+    targets = list(targets)
     async with open_source(source, **options) as src:
-        # Keys are taken only once the source is listening, so no exit can fall between.
+        # Keys are taken only once the source is listening and keeps these PIDs' exits, so
+        # one that ends before its watch starts still has the status the kernel sent.
+        src.expect(t.pid if isinstance(t, ProcessKey) else t for t in targets)
         keys = [_key(t) for t in targets]
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return await wait_on(src, keys, any_=any_, timeout=left)

@@ -12,13 +12,8 @@ sent with the same `webhook-id` on every attempt and after any restart, so a
 receiver deduplicates; a kill -9 between the send and its record means one more
 delivery, never none.
 
-Signed two ways at once, so both kinds of receiver work unchanged: the Standard
-Webhooks headers (`webhook-id`, `webhook-timestamp`, `webhook-signature`: v1,
-base64 HMAC-SHA256 of "id.timestamp.body", one per secret for rotation) and
-agentctl's (`X-Agentctl-Signature`: hex HMAC-SHA256 of the body; `X-Signature` and
-`X-Hub-Signature-256`: sha256=hex). A secret that starts with `whsec_` is base64
-after the prefix for the Standard Webhooks signature (as its libraries read it);
-agentctl's receivers use the secret's text as it is, and so do we for theirs.
+What is sent, body and signature, is the endpoint's format's (monitor.webhook_format):
+Standard Webhooks by default, or exactly agentctl's, for receivers written for it.
 
 Retries: 4x backoff from `retry_first_s` with +-20% jitter, capped at `retry_max_s`,
 until the event is `max_age_s` old; `Retry-After` pushes the next attempt later;
@@ -35,13 +30,9 @@ refused unless the endpoint sets `allow_private`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
-import hashlib
 import heapq
-import hmac
-import json
 import logging
 import socket
 import ssl
@@ -49,14 +40,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import httpcore
 
-from monitor import __version__
+from monitor import __version__, webhook_format
 from monitor.clock import Clock, SystemClock
 from monitor.config import Endpoint, ip_literal, non_public_kind
 from monitor.errors import MonitorError
@@ -89,50 +79,6 @@ class UnknownDelivery(MonitorError):
 
 
 # -- what is sent: pure ------------------------------------------------------------------
-
-
-def iso_time(wall: float) -> str:
-    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def webhook_body(record: Record) -> bytes:
-    """The event as Standard Webhooks' {type, timestamp, data}; a `session.stopped` also
-    carries agentctl's fields at the top, for receivers written for it."""
-    payload = record.payload
-    data = {k: v for k, v in payload.items() if k != "type"}
-    data["event_id"] = record.seq
-    body: dict[str, Any] = {"type": record.type, "timestamp": iso_time(record.created_at), "data": data,
-                            "hook_type": record.type}
-    if record.type == "session.stopped":
-        labels = payload.get("labels") or {}
-        code, signum = payload.get("exit_code"), payload.get("signal")
-        body.update({
-            "session_id": payload.get("session_id"),
-            "cwd": payload.get("cwd"),
-            "adapter": labels.get("adapter"),
-            "duration_seconds": payload.get("duration_s"),
-            # The real status, as a shell reports it: the code, or 128 + the signal; null if unknown.
-            "exit_status": code if code is not None else 128 + signum if signum is not None else None,
-            "summary": (labels.get("summary") or " ".join(payload.get("argv") or []))[:200],
-            "meta": {"reason": payload.get("reason"), "exit_code": code, "signal": signum,
-                     "evidence": payload.get("evidence"), "pid": payload.get("pid"), "labels": labels,
-                     "event_id": record.seq},
-        })
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def standard_key(secret: str) -> bytes:
-    return base64.b64decode(secret.removeprefix("whsec_")) if secret.startswith("whsec_") else secret.encode()
-
-
-def signature_headers(secrets: Iterable[str], msg_id: str, timestamp: int, body: bytes) -> list[tuple[str, str]]:
-    secrets = list(secrets)
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    standard = " ".join("v1," + base64.b64encode(hmac.new(standard_key(s), signed, hashlib.sha256).digest()).decode()
-                        for s in secrets)
-    hub = hmac.new(secrets[0].encode(), body, hashlib.sha256).hexdigest()
-    return [("webhook-id", msg_id), ("webhook-timestamp", str(timestamp)), ("webhook-signature", standard),
-            ("X-Agentctl-Signature", hub), ("X-Signature", "sha256=" + hub), ("X-Hub-Signature-256", "sha256=" + hub)]
 
 
 def retry_after_s(value: str | None, now: float) -> float | None:
@@ -223,9 +169,9 @@ class Answer:
 async def post(pool: httpcore.AsyncConnectionPool, endpoint: Endpoint, record: Record, now: float) -> Answer:
     """One signed POST of `record`, bounded by the endpoint's timeout in all."""
     assert record.seq is not None
-    body = webhook_body(record)
+    body = webhook_format.body(endpoint.format, record)
     headers = [("Content-Type", "application/json"), ("User-Agent", f"monitor/{__version__}"),
-               *signature_headers(endpoint.secrets, record.id, int(now), body)]
+               *webhook_format.headers(endpoint.format, endpoint.secrets, record.id, int(now), body)]
     t = endpoint.timeout_s
     started = time.perf_counter()
     try:
@@ -321,7 +267,8 @@ class EndpointWorker:
         return len(self.unsettled) + len(self.attempts)
 
     def wants(self, record: Record) -> bool:
-        return self.endpoint.events is None or record.type in self.endpoint.events
+        wanted = self.endpoint.wanted
+        return wanted is None or record.type in wanted
 
     def offer(self, record: Record) -> None:
         """A committed event, live: queued at once if it is the next one, else read back."""
@@ -334,7 +281,7 @@ class EndpointWorker:
             self.ready.append(_Due(record, 0))
 
     async def _undelivered(self, since: int) -> list[Record]:
-        return await self.owner.db(self.owner.store.undelivered, self.name, since, self.endpoint.events)
+        return await self.owner.db(self.owner.store.undelivered, self.name, since, self.endpoint.wanted)
 
     async def _last_seq(self) -> int:
         return await self.owner.db(self.owner.store.last_seq)
@@ -421,6 +368,10 @@ class EndpointWorker:
         self.wake.set()
 
 
+SAVE_RETRY_FIRST_S = 0.5  # a failed save of delivery outcomes is tried again after this, doubling
+SAVE_RETRY_MAX_S = 30.0
+
+
 class Webhooks:
     """Every configured endpoint's delivery. `offer` is the engine's record listener."""
 
@@ -436,6 +387,7 @@ class Webhooks:
         self._unsaved: list[Delivery] = []
         self._dirty: set[EndpointWorker] = set()
         self._saving: asyncio.Task[None] | None = None
+        self._save_failing = False
 
     @property
     def store(self) -> DeliveryStore:
@@ -502,21 +454,37 @@ class Webhooks:
             self._saving = asyncio.get_running_loop().create_task(self._save_soon())
 
     async def _save_soon(self) -> None:
+        delay_s = SAVE_RETRY_FIRST_S
         try:
             while self._unsaved or self._dirty:
-                await self._save_now()
+                if await self._save_now():
+                    delay_s = SAVE_RETRY_FIRST_S
+                else:  # kept: tried again later with what came since (the disk may be full for a while)
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, SAVE_RETRY_MAX_S)
         finally:
             self._saving = None
 
-    async def _save_now(self) -> None:
+    async def _save_now(self) -> bool:
+        """Write the outcomes, cursors and states gathered so far; on failure keep them for the
+        next save (merged with newer outcomes: the newest of each delivery wins). Whether it saved."""
         deliveries, self._unsaved = self._unsaved, []
         workers, self._dirty = self._dirty, set()
         cursors = {w.name: c for w in workers if (c := w.cursor) is not None}
         disabled = {w.name: w.disabled for w in workers}
         try:
             await self.db(self.store.save, deliveries, cursors, disabled)
-        except Exception as err:  # the next save carries them; a restart resends what was lost
-            log.error("could not record webhook deliveries: %s", err)
+        except Exception as err:
+            self._unsaved = list({(d.endpoint, d.seq): d for d in [*deliveries, *self._unsaved]}.values())
+            self._dirty |= workers
+            if not self._save_failing:  # once per streak of failures, not once per attempt
+                log.error("could not record webhook deliveries (kept, retrying): %s", err)
+            self._save_failing = True
+            return False
+        if self._save_failing:
+            log.info("webhook deliveries recorded again")
+            self._save_failing = False
+        return True
 
     # -- the API --------------------------------------------------------------------------------
 

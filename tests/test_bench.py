@@ -360,3 +360,18 @@ def test_fleet_benchmark_runs_and_reports_sane_numbers(tmp_path: Path) -> None:
     burst = fleet["burst"]
     assert burst["n"] == n and 0 < burst["kill_to_last_committed_ms"] <= burst["kill_to_last_in_stream_ms"]
     assert burst["bare_publish_all_ms"] > 0
+
+
+def test_fork_churn_runs_and_accounts_for_every_child(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    result = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--only", "fork_churn", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    data = json.loads(out.read_text())
+    assert set(data) == {"meta", "fork_churn"}
+    churn = data["fork_churn"]
+    session = churn["session"]
+    assert len(session["thousands"]) == churn["pairs"] // 1000 and len(churn["baseline"]["thousands"]) >= 1
+    assert session["child_summary"] == {"running": 0, "exited": churn["pairs"], "unobservable": 0}
+    assert session["first_cpu_ms"] > 0 and session["last_over_first"] is not None
+    assert "last / first (target <= 1.2)" in result.stdout

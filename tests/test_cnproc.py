@@ -76,24 +76,43 @@ def test_mask_of_names() -> None:
         cnproc.mask_of([])
 
 
+def run_bpf(program: bytes, packet: bytes) -> int:
+    """A tiny interpreter of the classic BPF our programs use, over real message bytes."""
+    insns = [cnproc.SOCK_FILTER.unpack_from(program, i) for i in range(0, len(program), cnproc.SOCK_FILTER.size)]
+    acc, pc = 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        if code == cnproc.BPF_LD_W_ABS:
+            acc = int.from_bytes(packet[k:k + 4], "big")  # BPF_ABS loads are big-endian
+            pc += 1
+        elif code == cnproc.BPF_JMP_JEQ_K:
+            pc += 1 + (jt if acc == k else jf)
+        elif code == cnproc.BPF_RET_K:
+            return k
+        else:
+            raise AssertionError(f"unexpected BPF opcode {code:#x}")
+
+
+def test_the_confirmation_filter_passes_our_forks_and_our_childrens_exits_only() -> None:
+    """While the subscription is confirmed: the probe's fork (we are its parent) and its exit
+    (ours as its parent's tgid) pass; every other process's events stay out."""
+    me, other = 4000, 5000
+    program = cnproc.bpf_program(None, [me], exits_of_children_of=me)
+    fork = cnproc.encode(1, PROC_EVENT_FORK, 0, 1, me, me, 4001, 4001)
+    exit_ = cnproc.encode(2, PROC_EVENT_EXIT, 0, 1, 4001, 4001, 0, 17, me, me)
+    assert run_bpf(program, fork) == run_bpf(program, exit_) == 0xFFFFFFFF
+    assert run_bpf(program, cnproc.encode(3, PROC_EVENT_FORK, 0, 1, other, other, 5001, 5001)) == 0
+    assert run_bpf(program, cnproc.encode(4, PROC_EVENT_EXIT, 0, 1, 5001, 5001, 0, 17, other, other)) == 0
+    assert run_bpf(program, cnproc.encode(5, PROC_EVENT_EXEC, 0, 1, 5001, 5001, 0, 0, me, me)) == 0  # d5 is no parent there
+    assert run_bpf(program, FIXTURES["ack"][0]) == 0xFFFFFFFF
+
+
 def test_bpf_program_accepts_acks_and_asked_types_only() -> None:
     """Run the classic BPF program in a tiny interpreter over real message bytes."""
     program = cnproc.bpf_program(PROC_EVENT_EXIT)
-    insns = [cnproc.SOCK_FILTER.unpack_from(program, i) for i in range(0, len(program), cnproc.SOCK_FILTER.size)]
 
     def run(packet: bytes) -> int:
-        acc, pc = 0, 0
-        while True:
-            code, jt, jf, k = insns[pc]
-            if code == cnproc.BPF_LD_W_ABS:
-                acc = int.from_bytes(packet[k:k + 4], "big")  # BPF_ABS loads are big-endian
-                pc += 1
-            elif code == cnproc.BPF_JMP_JEQ_K:
-                pc += 1 + (jt if acc == k else jf)
-            elif code == cnproc.BPF_RET_K:
-                return k
-            else:
-                raise AssertionError(f"unexpected BPF opcode {code:#x}")
+        return run_bpf(program, packet)
 
     assert run(FIXTURES["exit"][0]) == 0xFFFFFFFF
     assert run(FIXTURES["ack"][0]) == 0xFFFFFFFF

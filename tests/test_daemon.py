@@ -379,3 +379,19 @@ def test_a_users_fuse_action_runs_as_that_user_not_as_the_daemon(daemon: Daemon,
     while not (fired.exists() and fired.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert fired.read_text().strip() == str(NOBODY)
+
+
+def test_attaching_a_process_already_followed_is_a_conflict(daemon: Daemon, procs: Procs) -> None:
+    """Regression: it was bad_request (exit 1), as if the request were malformed."""
+    target = procs.spawn("sleep", "60")
+    with daemon.client() as client:
+        first = client.call("session.attach", pid=target.pid, lock=False)
+        with pytest.raises(ProtocolError) as again:
+            client.call("session.attach", pid=target.pid, lock=False)
+        assert again.value.code == "conflict" and first["id"] in again.value.message
+
+
+def test_subscribing_to_an_unknown_session_is_not_found(daemon: Daemon) -> None:
+    """Regression: `events --daemon --session nosuch` waited for ever on a session no one has."""
+    answers = raw(daemon.socket, b'{"id": 1, "method": "events.subscribe", "params": {"session": "nosuch"}}\n')
+    assert answers[0]["error"]["code"] == "not_found" and "nosuch" in answers[0]["error"]["message"]

@@ -22,6 +22,7 @@ from conftest import Procs
 from test_daemon import Daemon, cli, public_dir  # noqa: F401  (public_dir is a fixture)
 from test_engine_real import _reap_all, _subreaper
 
+from monitor.client import DaemonUnreachable
 from monitor.protocol import ProtocolError
 
 
@@ -61,9 +62,16 @@ def commands(token: str) -> dict[int, list[str]]:
 
 
 def stop_all(daemon: Daemon) -> None:
-    with daemon.client() as client:
-        for session in client.call("session.list"):
-            client.call("session.stop", id=session["id"], signal="KILL", grace_s=1)
+    """Clean up after a test, which may have failed with the daemon down: then by hand."""
+    try:
+        with daemon.client() as client:
+            for session in client.call("session.list"):
+                client.call("session.stop", id=session["id"], signal="KILL", grace_s=1)
+    except DaemonUnreachable:
+        for proc in psutil.process_iter(["cmdline"]):
+            if (proc.info["cmdline"] or [""])[0] == "sleep" and proc.parent() is not None and "monitor.wrapper" in " ".join(
+                    proc.parent().cmdline()):
+                proc.kill()
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
@@ -258,3 +266,39 @@ def test_a_users_command_killed_while_the_daemon_is_down_reads_killed_not_lost(p
     assert (stopped["state"], stopped["reason"], stopped["signal"], stopped["evidence"]) == ("stopped", "exited", 15, "exit_file")
     daemon.proc.terminate()
     daemon.proc.wait(10)
+
+
+def test_launched_sessions_are_recovered_from_their_files_when_the_state_file_is_lost(
+        procs: Procs, public_dir: Path, tmp_path: Path, reaper: None) -> None:  # noqa: F811
+    """A corrupt state file is moved aside; what launches left in the exit directory brings
+    back their sessions: one still running with its lock, one that ended meanwhile, stopped
+    once with the status its wrapper kept."""
+    sock, state = public_dir / "run" / "monitor.sock", tmp_path / "state"
+    running_dir, ended_dir = tmp_path / "running", tmp_path / "ended"
+    running_dir.mkdir()
+    ended_dir.mkdir()
+    daemon = restart(procs, None, sock, state)
+    try:
+        with daemon.client() as client:
+            runs = client.call("session.launch", argv=["sleep", "60"], cwd=str(running_dir), env={"PATH": os.environ["PATH"]})
+            ends = client.call("session.launch", argv=["sleep", "61"], cwd=str(ended_dir), env={"PATH": os.environ["PATH"]})
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        os.kill(ends["pid"], signal.SIGKILL)
+        wait_for((state / "exits" / f"{ends['id']}.exit").exists)
+        (state / "state.db").write_bytes(b"this is not a database" * 100)
+        for suffix in ("-wal", "-shm"):
+            (state / f"state.db{suffix}").unlink(missing_ok=True)
+        daemon = restart(procs, None, sock, state)
+        with daemon.client() as client:
+            running = client.call("session.get", id=runs["id"])
+            ended = client.call("session.get", id=ends["id"])
+            locks = client.call("lock.list")
+        assert (running["state"], running["pid"], running["cwd"]) == ("running", runs["pid"], str(running_dir))
+        assert [(lk["directory"], lk["pid"]) for lk in locks] == [(str(running_dir), runs["pid"])]
+        assert (ended["state"], ended["reason"], ended["signal"], ended["evidence"]) == ("stopped", "exited", 9, "exit_file")
+        assert list(state.glob("state.db.corrupt-*"))
+    finally:
+        stop_all(daemon)
+        daemon.proc.terminate()
+        daemon.proc.wait(10)

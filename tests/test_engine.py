@@ -18,6 +18,7 @@ from monitor.events import (
     ChildExited,
     ChildUnobservable,
     Exited,
+    FuseActionFailed,
     FuseFired,
     LockAcquired,
     LockReleased,
@@ -101,6 +102,8 @@ def test_death_and_timeout_together_stop_once_as_exited_1000_times(tmp_path: Pat
         assert len(stops) == 1000 and {s.session_id for s in stops} == {sid for _, sid in sessions}  # type: ignore[attr-defined]
         assert {s.reason for s in stops} == {"exited"}  # type: ignore[attr-defined]
         assert r.of(SessionTimedOut) == []
+
+    run(tmp_path, scenario)
 
 
 def test_a_timeout_fires_once_then_the_death_stops_the_session(tmp_path: Path) -> None:
@@ -276,6 +279,27 @@ def test_a_directory_fuse_waits_for_the_last_session_and_fires_once(tmp_path: Pa
                 break
             await asyncio.sleep(0.02)
         assert (Path(r.dir("wt")) / "fired").exists()
+
+    run(tmp_path, scenario)
+
+
+def test_a_failing_fuse_action_is_an_event_with_its_status(tmp_path: Path) -> None:
+    """Regression: a fuse action that failed was a log line only; now `fuse.action_failed` says
+    how (its exit code), and an action that succeeds says nothing more."""
+    async def scenario(r: Rig) -> None:
+        await r.engine.fuse_set(r.dir("bad"), 10.0, "exit 4")
+        await r.engine.fuse_set(r.dir("good"), 10.0, "true")
+        r.clock.advance(10.0)
+        r.engine.tick()
+        for _ in range(500):
+            await r.engine.flush()
+            if r.of(FuseActionFailed):
+                break
+            await asyncio.sleep(0.01)
+        (failed,) = r.of(FuseActionFailed)
+        assert (failed.directory, failed.action, failed.exit_code, failed.signal, failed.error) == (  # type: ignore[attr-defined]
+            r.dir("bad"), "exit 4", 4, None, None)
+        assert len(r.of(FuseFired)) == 2
 
     run(tmp_path, scenario)
 

@@ -116,3 +116,33 @@ def test_json_log_format_makes_every_stderr_line_one_json_object(start: Daemons,
     assert ("warning", "monitor.hooks", f"{what} exited with 2") in messages
     serving = [m for m in messages if m[2].startswith("serving on ")]
     assert len(serving) == 1 and serving[0][:2] == ("info", "monitor.daemon")  # each record once
+
+
+def test_a_busy_metrics_port_is_one_error_line_and_the_daemon_serves_on(start: Daemons, tmp_path: Path) -> None:
+    """Regression: a taken port was a traceback and a dead daemon (and, under the shipped unit,
+    so was any TCP at all). The daemon's work matters more than a scrape endpoint."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = start(f'metrics_listen = "127.0.0.1:{port}"\n')
+        with Client(d.socket) as client:
+            lock_cycle(client, tmp_path / "x")  # it serves
+            status = client.call("daemon.status")
+            assert "metrics_listen" in status["metrics_problem"] and "in use" in status["metrics_problem"]
+            assert client.call("metrics").startswith("# HELP")  # over the socket, still
+    err = d.stderr()
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "metrics_listen" in line]
+    assert "ERROR" in line and f"127.0.0.1:{port}" in line and "Address already in use" in line
+
+
+def test_a_metrics_listen_that_can_never_work_refuses_the_start_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    for setting, says in (("10.1.2.3:9464", "not a loopback address"), ("9464", "give HOST:PORT")):
+        config.write_text(f'metrics_listen = "{setting}"\n')
+        result = subprocess.run([PYTHON, "-m", "monitor", "--socket", str(tmp_path / "s.sock"), "--state-dir", str(tmp_path / "state"),
+                                 "daemon", "--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        [line] = result.stderr.splitlines()
+        assert "metrics_listen" in line and says in line

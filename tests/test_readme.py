@@ -65,7 +65,8 @@ def test_webhook_config_and_receiver_examples_work_together(procs: Procs, tmp_pa
 
     config = tmp_path / "config.toml"
     config.write_text(readme_block("webhook-config", "toml"))
-    [endpoint] = load_config(config, env={}).webhooks  # the example, as written, is valid
+    endpoint, agentctl = load_config(config, env={}).webhooks  # the example, as written, is valid
+    assert (endpoint.format, agentctl.format) == ("standard", "agentctl")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -84,3 +85,34 @@ def test_webhook_config_and_receiver_examples_work_together(procs: Procs, tmp_pa
         receiver.wait(10)
         daemon.proc.terminate()
         daemon.proc.wait(10)
+
+
+def test_the_first_five_minutes_walk_runs_as_written(procs: Procs, tmp_path: Path) -> None:
+    """The README's walk, as a new user types it in a second terminal, against a real daemon: no
+    traceback, nothing undocumented, and what each step says it does."""
+    from test_daemon import Daemon
+
+    daemon = Daemon(procs, tmp_path / "run" / "monitor.sock", tmp_path / "state")
+    env = {**os.environ, "MONITOR_SOCKET": str(daemon.socket), "TMPDIR": str(tmp_path)}  # mktemp -d: in tmp_path
+    env.pop("VIRTUAL_ENV", None)
+    try:
+        walk = subprocess.run(["sh", "-c", readme_block("walk", "sh")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env=env, stdin=subprocess.DEVNULL)
+    finally:
+        daemon.proc.terminate()
+        daemon.proc.wait(10)
+    assert walk.returncode == 0, walk.stderr
+    assert "Traceback" not in walk.stderr and walk.stderr == "", walk.stderr
+    out = walk.stdout.splitlines()
+    assert out[0] == "exit status 3"  # launch --wait: the command's own status
+    assert [p.read_text() for p in tmp_path.glob("tmp.*/build.out")] == ["built\n"]  # it wrote where it ran
+    header = out.index(next(line for line in out if line.startswith("ID ")))
+    assert out[header].split() == ["ID", "PID", "STATE", "STARTED", "CWD", "COMMAND"]
+    row = out[header + 1].split()
+    session_id = row[0]
+    assert row[2] == "running" and row[-2:] == ["sleep", "600"]
+    stop = dict(line.split(":", 1) for line in out[header + 2:] if line[:1].isalpha() and ":" in line)
+    assert stop["id"].strip() == session_id and stop["state"].strip().startswith("killed, SIGTERM (")
+    story = [line.split() for line in out if line.startswith("#")]
+    assert [e[2] for e in story][-1] == "session.stopped" and "session.started" in [e[2] for e in story]
+    assert all(e[3] == session_id for e in story if e[2].startswith("session."))

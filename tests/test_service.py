@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import plistlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -47,13 +49,51 @@ def _unit(path: Path) -> dict[str, str]:
     return entries
 
 
+UNIT = ROOT / "scripts" / "monitor.service"
+# Directives that every process the daemon forks inherits (a mount namespace, seccomp filters, the
+# capability bounding set, ...): each broke launched commands, webhooks or metrics once.
+LEAKING = ("ProtectSystem", "ProtectHome", "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths", "PrivateTmp", "PrivateDevices",
+           "PrivateNetwork", "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups", "RestrictAddressFamilies",
+           "RestrictNamespaces", "LockPersonality", "SystemCallArchitectures", "SystemCallFilter", "MemoryDenyWriteExecute",
+           "CapabilityBoundingSet", "NoNewPrivileges", "ProtectClock", "ProtectHostname", "RestrictRealtime")
+
+
 def test_the_systemd_unit_says_what_the_daemon_needs() -> None:
-    unit = _unit(ROOT / "scripts" / "monitor.service")
-    assert unit["Type"] == "notify" and unit["ExecStart"].endswith("monitor daemon")
-    assert unit["AmbientCapabilities"] == "CAP_NET_ADMIN"
+    unit = _unit(UNIT)
+    assert unit["Type"] == "notify" and unit["ExecStart"] == "/opt/monitor/bin/monitor daemon"  # the README's install
     assert unit["RuntimeDirectory"] == unit["StateDirectory"] == "monitor"
     assert unit["Restart"] == "on-failure" and unit["KillMode"] == "process"  # sessions outlive a restart
-    assert "AF_NETLINK" in unit["RestrictAddressFamilies"]  # the proc connector still works
+
+
+def test_the_systemd_unit_leaks_no_sandbox_into_launched_commands() -> None:
+    """Regression: ProtectSystem=strict made `monitor launch -- sh -c 'echo built > build.out'` fail
+    with a read-only file system, and RestrictAddressFamilies=AF_UNIX AF_NETLINK killed the daemon
+    when metrics_listen was set and left every webhook pending."""
+    unit = _unit(UNIT)
+    assert [name for name in LEAKING if name in unit] == []
+
+
+def test_the_systemd_units_documentation_is_installed_by_pip(tmp_path: Path) -> None:
+    """Documentation= names files that `pip install` puts under the prefix (/opt/monitor)."""
+    documents = [url.removeprefix("file:///opt/monitor/") for url in _unit(UNIT)["Documentation"].split()]
+    assert documents and all(not d.startswith("file:") for d in documents)
+    subprocess.run([PYTHON, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, timeout=120)
+    [wheel] = tmp_path.glob("monitor-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        data = {name.split(".data/data/", 1)[1] for name in archive.namelist() if ".data/data/" in name}
+    assert set(documents) <= data
+
+
+def test_systemd_analyze_verify_finds_nothing_wrong_with_the_unit(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    prefix = Path(PYTHON).parent.parent  # the venv stands in for /opt/monitor: verify checks that ExecStart runs
+    unit = tmp_path / "monitor.service"
+    unit.write_text(UNIT.read_text().replace("/opt/monitor/", f"{prefix}/"))
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "monitor.service" not in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 def test_the_launchd_plist_parses() -> None:

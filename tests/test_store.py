@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from monitor.errors import StorageError
+from monitor.integrity import StateTooNew
 from monitor.store import MIGRATIONS, Batch, Record, Store
 
 
@@ -48,7 +49,7 @@ def test_an_old_schema_is_migrated_in_place(tmp_path: Path) -> None:
 def test_a_newer_schema_is_refused_clearly(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db:
         db.execute("PRAGMA user_version = 99")
-    with pytest.raises(RuntimeError, match="schema version 99, newer than this monitor knows"):
+    with pytest.raises(StateTooNew, match="schema version 99, newer than this monitor knows"):
         Store(tmp_path / "s.db")
 
 

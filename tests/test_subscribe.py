@@ -8,6 +8,7 @@ import json
 import os
 import select
 import socket
+import sqlite3
 import statistics
 import subprocess
 import tempfile
@@ -331,6 +332,50 @@ def test_a_since_in_the_future_is_refused_not_taken_to_skip_events(start: Daemon
     done = subprocess.run([PYTHON, "-m", "monitor", "--socket", str(d.socket), "events", "--daemon", "--since", "99"],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and "since 99 is after the last event (0)" in done.stderr, done
+
+
+def long_dir(base: Path, name: str) -> Path:
+    """A directory name of ~4000 bytes (it need not exist): its lock events are that big."""
+    return base.joinpath(*[f"{name}-{i}-" + "x" * 190 for i in range(20)])
+
+
+def test_what_commits_while_a_backlog_is_replayed_comes_live(start: Daemons, tmp_path: Path) -> None:
+    """The subscriber is registered before its backlog is read: events committed while the
+    daemon is still stuck sending a backlog bigger than the socket can hold arrive after it,
+    none lost. (Registered only after the replay, they would fall between the two.)"""
+    d = start()
+    with Client(d.socket) as client:
+        for i in range(150):  # ~1.2 MB of events, far more than the socket and the transport buffer
+            lock_cycle(client, long_dir(tmp_path, f"old{i}"))
+        with Stream(d.socket, since=0) as stream:  # answered, then the daemon blocks writing the backlog
+            for i in range(3):
+                lock_cycle(client, tmp_path / f"new{i}")  # committed while the replay is stuck
+            got = stream.until(lambda ev: ev.get("directory") == str(tmp_path / "new2") and ev["type"] == "lock.released")
+    assert [ev["id"] for ev in got] == list(range(1, 307))
+
+
+def test_missed_says_exactly_whether_pruned_events_were_skipped(start: Daemons, tmp_path: Path) -> None:
+    """`missed` is true when the log no longer holds the event right after `since`, and only then."""
+    d = start()
+    with Client(d.socket) as client:
+        lock_cycle(client, tmp_path / "a")  # events 1, 2
+        lock_cycle(client, tmp_path / "b")  # events 3, 4
+    d.proc.terminate()
+    d.proc.wait(10)
+    state = Path(d.state_dir) / "state.db"
+    with sqlite3.connect(state) as db:  # as the daemon's pruning would: 1 and 2 are gone
+        db.execute("DELETE FROM outbox WHERE seq <= 2")
+    db.close()
+    d = start()
+    for since, missed in ((0, True), (1, True), (2, False), (3, False), (4, False)):
+        with Stream(d.socket, since=since) as stream:
+            assert stream.answer == {"subscribed": True, "last_id": 4, "missed": missed}, since
+    with sqlite3.connect(state) as db:
+        db.execute("DELETE FROM outbox")  # everything pruned: only a subscriber already at the end missed nothing
+    db.close()
+    for since, missed in ((3, True), (4, False)):
+        with Stream(d.socket, since=since) as stream:
+            assert stream.answer == {"subscribed": True, "last_id": 4, "missed": missed}, since
 
 
 def test_shutdown_ends_a_subscription_read_by_another_thread(start: Daemons, tmp_path: Path) -> None:

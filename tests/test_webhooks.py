@@ -20,20 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PYTHON, ROOT, Procs
+from conftest import PYTHON, ROOT, Procs, arun
 from receiver import Receiver, Reply, Request, agentctl_signature_ok, standard_signature_ok
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from test_daemon import Daemon
 
 from monitor.clock import SystemClock
 from monitor.config import ConfigError, Endpoint, load_config
 from monitor.store import Record
-from monitor.webhooks import RefusedDestination, check_destination, next_attempt, retry_after_s, webhook_body
+from monitor.webhook_format import agentctl_body, standard_body
+from monitor.webhooks import RefusedDestination, check_destination, next_attempt, retry_after_s
 
 SECRET = "whsec_" + base64.b64encode(b"twenty-four random bytes").decode()
 AGENTCTL_SECRET = "an agentctl shared secret"
 
 
-def endpoint_toml(url: str, name: str = "hook", secret: str = SECRET, **options: Any) -> str:
+def endpoint_toml(url: str, name: str = "hook", secret: str | list[str] = SECRET, **options: Any) -> str:
     settings = {"name": name, "url": url, "secret": secret, "allow_private": True, "retry_first_s": 0.2, "timeout_s": 5, **options}
     return "[[webhooks]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
 
@@ -93,8 +95,9 @@ def stopped_body(requests: list[Request], session_id: str) -> list[Request]:
 # -- what is sent ---------------------------------------------------------------------------
 
 
-def test_an_exit_7_is_delivered_once_signed_both_ways_with_its_real_status(rigs: list[Rig], procs: Procs, tmp_path: Path,
-                                                                           work: Path) -> None:
+def test_an_exit_7_is_delivered_once_verified_by_the_standard_webhooks_library(rigs: list[Rig], procs: Procs, tmp_path: Path,
+                                                                               work: Path) -> None:
+    """The spec's own library (`standardwebhooks`, unchanged) accepts what the daemon signs."""
     with Receiver() as receiver:
         rig = Rig(procs, tmp_path, endpoint_toml(receiver.url, secret=SECRET, events=["session.stopped"]))
         rigs.append(rig)
@@ -102,31 +105,99 @@ def test_an_exit_7_is_delivered_once_signed_both_ways_with_its_real_status(rigs:
         [request] = receiver.wait_for(1)
         time.sleep(0.5)  # a second delivery would come now, if one were coming
         assert len(receiver.requests) == 1
-        assert standard_signature_ok(request, SECRET) and agentctl_signature_ok(request, SECRET)
-        body = request.json
-        assert (body["type"], body["hook_type"], body["session_id"], body["exit_status"]) == (
-            "session.stopped", "session.stopped", session["id"], 7)
-        assert (body["cwd"], body["adapter"], body["summary"]) == (str(work), "claude-code", "fix the flaky test")
-        assert body["meta"]["reason"] == "exited" and body["meta"]["signal"] is None and body["duration_seconds"] >= 0
-        assert body["data"]["exit_code"] == 7 and body["data"]["event_id"] >= 1
+        body = Webhook(SECRET).verify(request.body, request.headers)
+        assert standard_signature_ok(request, SECRET)
+        assert (body["type"], body["session_id"], body["data"]["exit_code"]) == ("session.stopped", session["id"], 7)
+        assert body["data"]["labels"] == {"adapter": "claude-code", "summary": "fix the flaky test"} and body["data"]["event_id"] >= 1
+        assert "hook_type" not in body and "x-agentctl-signature" not in request.headers  # agentctl's shape is its own format
         assert body["timestamp"].endswith("Z") and len(request.webhook_id) == 32 and "." not in request.webhook_id
-        tampered = Request(request.path, request.headers, request.body.replace(b'"exit_status":7', b'"exit_status":0'), 0)
+        tampered = Request(request.path, request.headers, request.body.replace(b'"exit_code":7', b'"exit_code":0'), 0)
         assert tampered.body != request.body
-        assert not standard_signature_ok(tampered, SECRET) and not agentctl_signature_ok(tampered, SECRET)
-        assert not standard_signature_ok(request, "whsec_" + base64.b64encode(b"another secret, not ours").decode())
+        with pytest.raises(WebhookVerificationError):
+            Webhook(SECRET).verify(tampered.body, tampered.headers)
+        with pytest.raises(WebhookVerificationError):
+            Webhook("whsec_" + base64.b64encode(b"another secret, not ours").decode()).verify(request.body, request.headers)
         assert SECRET not in rig.stop() and SECRET not in json.dumps(body)
+
+
+def test_while_rotating_every_secret_signs_and_the_library_accepts_each(rigs: list[Rig], procs: Procs, tmp_path: Path,
+                                                                       work: Path) -> None:
+    """`secret = [new, old]`: a receiver that has only the old secret and one that has only the
+    new both accept the delivery (one `v1,` signature per secret)."""
+    new, old = SECRET, "whsec_" + base64.b64encode(b"the old secret, 24 bytes").decode()
+    with Receiver() as receiver:
+        rig = Rig(procs, tmp_path, endpoint_toml(receiver.url, secret=[new, old], events=["session.stopped"]))
+        rigs.append(rig)
+        rig.launch("exit 3", work)
+        [request] = receiver.wait_for(1)
+    assert len(request.headers["webhook-signature"].split()) == 2
+    assert Webhook(new).verify(request.body, request.headers)["data"]["exit_code"] == 3
+    assert Webhook(old).verify(request.body, request.headers)["data"]["exit_code"] == 3
 
 
 def test_sigkill_is_reported_as_the_signal(rigs: list[Rig], procs: Procs, tmp_path: Path, work: Path) -> None:
     with Receiver() as receiver:
-        rig = Rig(procs, tmp_path, endpoint_toml(receiver.url, secret=AGENTCTL_SECRET, events=["session.stopped"]))
+        rig = Rig(procs, tmp_path, endpoint_toml(receiver.url, secret=AGENTCTL_SECRET, format="agentctl"))
         rigs.append(rig)
         session = rig.launch("kill -9 $$", work)
         [request] = receiver.wait_for(1)
         body = request.json
-        assert body["session_id"] == session["id"]
-        assert (body["exit_status"], body["meta"]["signal"], body["meta"]["exit_code"]) == (137, 9, None)
-        assert agentctl_signature_ok(request, AGENTCTL_SECRET) and standard_signature_ok(request, AGENTCTL_SECRET)
+        assert body["session_id"] == session["id"] and body["exit_status"] == 137
+        assert agentctl_signature_ok(request, AGENTCTL_SECRET)
+
+
+# agentctl's `WebhookPayload` (OrgLoop/agentctl src/daemon/webhook.ts at 5923ee3), key by key in its
+# order, with each field's TypeScript type (`?`: optional). What its receivers read: OrgLoop's
+# coding-agent connector takes exit_status 0 as success, > 128 as a signal, else a failure.
+AGENTCTL_WEBHOOK_PAYLOAD: dict[str, tuple[type, ...]] = {
+    "hook_type": (str,),  # the literal "session.stopped"
+    "session_id": (str,),
+    "cwd": (str,),  # cwd?: string
+    "adapter": (str,),
+    "duration_seconds": (int,),  # Math.round of the seconds: whole
+    "exit_status": (int, type(None)),  # number; null here when nothing could tell (agentctl made up 0)
+    "summary": (str,),  # summary?: string, the prompt's first 200 characters
+    "meta": (dict,),  # Record<string, unknown>: the launch's metadata, flat
+    "timestamp": (str,),  # Date.toISOString()
+}
+
+
+def test_agentctl_format_sends_exactly_agentctls_payload_for_stops_only(rigs: list[Rig], procs: Procs, tmp_path: Path,
+                                                                         work: Path) -> None:
+    """A receiver written for agentctl, unchanged: one delivery per session (no start, no lock, no
+    timeout read as a stop), its payload's keys and types exactly, signed with the secret's text."""
+    with Receiver() as receiver:
+        rig = Rig(procs, tmp_path, endpoint_toml(receiver.url, secret=AGENTCTL_SECRET, format="agentctl"))
+        rigs.append(rig)
+        session = rig.launch("sleep 1.6; exit 7", work, lock=True, timeout_s=0.2,
+                             labels={"openclaw_callback_session_key": "key-1", "summary": "fix the flaky test"})
+        [request] = receiver.wait_for(1)
+        plain = rig.launch("exit 0", work, lock=True)
+        requests = receiver.wait_for(2)
+        time.sleep(0.5)  # anything else would come now
+    assert len(receiver.requests) == 2
+    body = request.json
+    assert list(body) == list(AGENTCTL_WEBHOOK_PAYLOAD)
+    for key, types in AGENTCTL_WEBHOOK_PAYLOAD.items():
+        assert type(body[key]) in types, (key, body[key])
+    assert (body["hook_type"], body["session_id"], body["cwd"], body["exit_status"]) == ("session.stopped", session["id"], str(work), 7)
+    assert body["adapter"] == "sh" and body["duration_seconds"] == 2  # no adapter label: the command's name; 1.6 s rounds up
+    assert body["meta"] == {"openclaw_callback_session_key": "key-1", "summary": "fix the flaky test"}  # OpenClaw finds its key
+    assert body["summary"] == "fix the flaky test" and body["timestamp"].endswith("Z")
+    assert agentctl_signature_ok(request, AGENTCTL_SECRET) and "webhook-signature" not in request.headers
+    assert requests[1].json["session_id"] == plain["id"] and requests[1].json["summary"] == "sh -c exit 0"
+
+
+def test_every_event_body_carries_its_session_id_at_the_top(rigs: list[Rig], procs: Procs, tmp_path: Path, work: Path) -> None:
+    """Receivers that key on `session_id` find it in every event that has one: a timeout and a
+    failed hook too (they landed under session "undefined")."""
+    with Receiver() as receiver:
+        rig = Rig(procs, tmp_path, endpoint_toml(receiver.url, events=["session.timeout", "hook.failed"]))
+        rigs.append(rig)
+        session = rig.launch("sleep 2", work, timeout_s=0.1, on_start="exit 3")
+        requests = receiver.wait_for(2)
+    assert sorted(r.json["type"] for r in requests) == ["hook.failed", "session.timeout"]
+    assert {r.json["session_id"] for r in requests} == {session["id"]}
 
 
 def test_every_event_type_an_endpoint_asks_for_and_no_other(rigs: list[Rig], procs: Procs, tmp_path: Path, work: Path) -> None:
@@ -157,7 +228,7 @@ def test_receiver_down_then_up_gets_it_with_the_same_id(rigs: list[Rig], procs: 
     assert pending[0]["state"] == "pending" and "ConnectError" in pending[0]["last_error"]
     with Receiver(port) as receiver:
         [request] = receiver.wait_for(1)
-        assert request.json["session_id"] == session["id"] and request.json["exit_status"] == 3
+        assert request.json["session_id"] == session["id"] and request.json["data"]["exit_code"] == 3
     deadline = time.monotonic() + 10
     while rig.call("webhook.list")["deliveries"][0]["state"] != "delivered" and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -222,7 +293,7 @@ def test_kill_9_during_the_send_delivers_after_restart_with_the_same_id(rigs: li
         rig.start()
         requests = receiver.wait_for(2)
         assert requests[1].webhook_id == hung.webhook_id and requests[1].body == hung.body
-        assert requests[1].json["session_id"] == session["id"] and requests[1].json["exit_status"] == 5
+        assert requests[1].json["session_id"] == session["id"] and requests[1].json["data"]["exit_code"] == 5
         time.sleep(0.5)
         assert len(receiver.requests) == 2
 
@@ -296,6 +367,13 @@ def test_loopback_private_and_metadata_destinations_are_refused(rigs: list[Rig],
     ('[[webhooks]]\nurl = "https://a.example/x"\nsecret = "0123456789abcdef"\n[[webhooks]]\nurl = "https://a.example/y"\n'
      'secret = "0123456789abcdef"\n', "names must differ"),
     ('[hooks]\non_finish = "true"\n', "unknown hook 'on_finish'"),
+    ('[[webhooks]]\nurl = "https://example.com/x"\nsecret = "not base64, a pass phrase"\n', "whsec_ followed by base64"),
+    ('[[webhooks]]\nurl = "https://example.com/x"\nsecret = "whsec_not base64 either!!"\n', "make one with python3 -c"),
+    ('[[webhooks]]\nurl = "https://example.com/x"\nsecret = "0123456789abcdef"\nformat = "github"\n', "choose standard or agentctl"),
+    ('[[webhooks]]\nurl = "https://example.com/x"\nsecret = ["0123456789abcdef", "fedcba9876543210"]\nformat = "agentctl"\n',
+     "takes one secret"),
+    ('[[webhooks]]\nurl = "https://example.com/x"\nsecret = "0123456789abcdef"\nformat = "agentctl"\nevents = ["lock.acquired"]\n',
+     "sends session.stopped only"),
 ])
 def test_bad_webhook_config_is_refused_at_load(tmp_path: Path, toml: str, message: str) -> None:
     path = tmp_path / "config.toml"
@@ -306,14 +384,17 @@ def test_bad_webhook_config_is_refused_at_load(tmp_path: Path, toml: str, messag
 
 def test_endpoint_config_is_read_whole_and_never_shows_its_secret(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
-    path.write_text('[[webhooks]]\nname = "orgloop"\nurl = "https://hooks.example.com/agentctl"\nsecret = ["new-secret-0123456", '
-                    '"old-secret-0123456"]\nevents = ["session.stopped"]\ntimeout_s = 10\n[hooks]\non_complete = "notify"\n')
+    path.write_text('[[webhooks]]\nname = "orgloop"\nurl = "https://hooks.example.com/agentctl"\nsecret = ["whsec_newSecret0123456", '
+                    '"oldSecret0123456"]\nevents = ["session.stopped"]\ntimeout_s = 10\n[hooks]\non_complete = "notify"\n'
+                    '[[webhooks]]\nname = "agentctl"\nurl = "https://hooks.example.com/a"\nsecret = "a pass phrase, any text"\n'
+                    'format = "agentctl"\n')
     config = load_config(path, env={})
-    [endpoint] = config.webhooks
-    assert (endpoint.name, endpoint.secrets, endpoint.events, endpoint.timeout_s) == (
-        "orgloop", ("new-secret-0123456", "old-secret-0123456"), frozenset({"session.stopped"}), 10.0)
+    endpoint, agentctl = config.webhooks
+    assert (endpoint.name, endpoint.secrets, endpoint.events, endpoint.timeout_s, endpoint.format) == (
+        "orgloop", ("whsec_newSecret0123456", "oldSecret0123456"), frozenset({"session.stopped"}), 10.0, "standard")
+    assert (agentctl.format, agentctl.wanted) == ("agentctl", frozenset({"session.stopped"}))
     assert config.hooks == {"on_complete": "notify"}
-    assert "secret" not in json.dumps(endpoint.public()) and "new-secret" not in repr(endpoint)
+    assert "secret" not in json.dumps(endpoint.public()) and "newSecret" not in repr(endpoint)
 
 
 def test_retries_back_off_with_jitter_until_the_maximum_age() -> None:
@@ -328,17 +409,19 @@ def test_retries_back_off_with_jitter_until_the_maximum_age() -> None:
     assert retry_after_s("Thu, 01 Jan 1970 00:01:40 GMT", 40.0) == 60.0
 
 
-def test_the_body_is_the_same_on_every_attempt_and_agentctl_shaped_for_stops() -> None:
+def test_each_format_makes_the_same_body_on_every_attempt() -> None:
     payload = {"type": "session.stopped", "session_id": "abc", "reason": "killed", "exit_code": None, "signal": 15,
                "evidence": "netlink", "duration_s": 12.5, "cwd": "/w", "pid": 42, "labels": {"adapter": "codex"}, "argv": ["codex", "run"]}
     record = Record("0" * 32, "session.stopped", "abc", payload, 1_700_000_000.25, seq=9)
-    body = json.loads(webhook_body(record))
-    assert webhook_body(record) == webhook_body(record)
-    assert body["timestamp"] == "2023-11-14T22:13:20.250Z"
-    assert {k: body[k] for k in ("hook_type", "session_id", "cwd", "adapter", "duration_seconds", "exit_status", "summary")} == {
-        "hook_type": "session.stopped", "session_id": "abc", "cwd": "/w", "adapter": "codex", "duration_seconds": 12.5,
-        "exit_status": 143, "summary": "codex run"}
-    assert body["data"]["event_id"] == 9 and body["meta"]["signal"] == 15
+    assert standard_body(record) == standard_body(record) and agentctl_body(record) == agentctl_body(record)
+    standard = json.loads(standard_body(record))
+    assert (standard["type"], standard["timestamp"], standard["session_id"]) == ("session.stopped", "2023-11-14T22:13:20.250Z", "abc")
+    assert standard["data"]["event_id"] == 9 and standard["data"]["signal"] == 15
+    assert agentctl_body(record) == (b'{"hook_type":"session.stopped","session_id":"abc","cwd":"/w","adapter":"codex",'
+                                     b'"duration_seconds":13,"exit_status":143,"summary":"codex run","meta":{"adapter":"codex"},'
+                                     b'"timestamp":"2023-11-14T22:13:20.250Z"}')  # 12.5 s: Math.round's 13, not round()'s 12
+    lock = Record("1" * 32, "lock.acquired", "/w@m", {"type": "lock.acquired", "directory": "/w", "session_id": None}, 0.0, seq=10)
+    assert "session_id" not in json.loads(standard_body(lock))  # a manual lock belongs to no session
 
 
 def test_a_refused_name_never_connects(tmp_path: Path) -> None:
@@ -411,3 +494,47 @@ def test_a_burst_larger_than_max_in_flight_is_all_delivered(monkeypatch: pytest.
         await worker.pool.aclose()
 
     asyncio.run(main())
+
+
+def test_a_failed_save_of_delivery_outcomes_keeps_them_and_retries(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The state file refuses the save (here its table is gone for a while: a real SQLite
+    error): the outcomes are kept, merged with newer ones, saved once it works again, and
+    the failure is logged once for the streak, not per attempt."""
+    import sqlite3
+
+    from monitor import webhooks
+    from monitor.store import Delivery, Store
+
+    caplog.set_level("INFO", logger="monitor.webhooks")
+    path = tmp_path / "state.db"
+    Store(path).close()
+
+    async def scenario() -> list[tuple[str, int, str, int]]:
+        hooks = webhooks.Webhooks([], path)
+        await hooks.start()
+        worker = webhooks.EndpointWorker(Endpoint("e", "http://127.0.0.1:9/", ("x" * 16,), allow_private=True), hooks)
+        with sqlite3.connect(path, isolation_level=None) as other:
+            other.execute("ALTER TABLE webhook_deliveries RENAME TO aside")
+            hooks.save(Delivery("e", 1, "pending", 1, updated_at=1.0), worker)
+            async with asyncio.timeout(10):
+                while not hooks._save_failing:
+                    await asyncio.sleep(0.01)
+            hooks.save(Delivery("e", 1, "delivered", 2, updated_at=2.0), worker)  # newer outcomes meanwhile
+            hooks.save(Delivery("e", 2, "failed", 9, updated_at=2.0), worker)
+            kept = hooks._unsaved
+            async with asyncio.timeout(10):
+                while hooks._unsaved is kept:  # one more attempt took them, failed, and kept them
+                    await asyncio.sleep(0.01)
+            other.execute("ALTER TABLE aside RENAME TO webhook_deliveries")
+        other.close()
+        async with asyncio.timeout(10):
+            while hooks._saving is not None:
+                await asyncio.sleep(0.01)
+        rows = await hooks.db(lambda: [(d.endpoint, d.seq, d.state, d.attempts) for d in hooks.store._select("ORDER BY seq", ())])
+        await hooks.close()
+        return rows
+
+    assert arun(scenario()) == [("e", 1, "delivered", 2), ("e", 2, "failed", 9)]
+    failures = [r for r in caplog.records if "could not record webhook deliveries" in r.getMessage()]
+    assert len(failures) == 1 and "no such table" in failures[0].getMessage()
+    assert any("recorded again" in r.getMessage() for r in caplog.records)

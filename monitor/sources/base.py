@@ -5,6 +5,12 @@ asyncio loop, iterated with `async for`, and told which processes matter with
 `watch(key)` / `unwatch(key)`. Once a key is watched the source owes exactly one
 `Exited` for it (unless it is unwatched first), from whatever evidence comes first;
 a key that is already dead when watched yields its `Exited` at once.
+
+A tree watch (`descendants=True`) reports each new descendant as `Forked` and
+follows it as a tree too, even one already dead when its fork is learnt: its
+`Forked` comes first, then (netlink: once its own records are read, so its own
+forks come before it) its `Exited`. With `existing=True` the descendants alive at
+the watch are taken too (`/proc/PID/task/*/children`, recursively).
 """
 
 from __future__ import annotations
@@ -13,13 +19,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from monitor.errors import NoSuchProcess, SourceFailed
+from monitor.errors import MonitorError, NoSuchProcess, SourceFailed
 from monitor.events import RELIST, Event, Exited, Forked, Overrun
-from monitor.identity import ProcessKey, zombie_exit_status
+from monitor.identity import ProcessKey, children_of, zombie_exit_status
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +144,29 @@ class EventSource:
 
     # -- watching --------------------------------------------------------------------
 
-    def watch(self, key: ProcessKey, *, descendants: bool = False) -> None:
-        """Report this process's exit (and, with `descendants`, its new descendants)."""
+    def expect(self, pids: Iterable[int]) -> None:
+        """These PIDs are about to be watched: keep what the kernel says of their exits from
+        now on, so one that ends before its watch starts still gets its real status. Call it
+        before their keys are taken (`wait_for_exits` does). A source that holds no queue of
+        kernel events has nothing to keep."""
+
+    def watch(self, key: ProcessKey, *, descendants: bool = False, existing: bool = False) -> None:
+        """Report this process's exit (and, with `descendants`, its new descendants; with
+        `existing` too, the descendants it has now, as `Forked` events)."""
         if self._closed:
             raise SourceFailed(f"{self.name}: the source is closed")
         old = self._watches.get(key.pid)
+        if old is not None and old.key == key:
+            old.descendants = old.descendants or descendants
+        else:
+            self._watch_new(key, descendants)
+        watch = self._watches.get(key.pid)
+        if existing and descendants and watch is not None and watch.key == key:
+            self._take_existing(watch)
+
+    def _watch_new(self, key: ProcessKey, descendants: bool) -> None:
+        old = self._watches.get(key.pid)
         if old is not None:
-            if old.key == key:
-                old.descendants = old.descendants or descendants
-                return
             # Another process held this PID before: the PID was reused, so the old
             # one is dead, whatever its watch said.
             self._finish(old, self._exit_status(old), self.found_dead_evidence)
@@ -157,11 +177,14 @@ class EventSource:
         except NoSuchProcess:
             # Gone between making the key and watching it: that is an exit, verified.
             del self._watches[key.pid]
+            found = self._found_dead(watch)
             self._release(watch)
-            self._emit_exit(watch, self._exit_status(watch), self.found_dead_evidence)
+            self._emit_exit(watch, *found)
             return
         if not self._alive(watch):
-            self._finish(watch, self._exit_status(watch), self.found_dead_evidence)
+            found = self._found_dead(watch)
+            if self._watches.get(key.pid) is watch:  # not already finished by an event read meanwhile
+                self._finish(watch, *found)
 
     def unwatch(self, key: ProcessKey) -> None:
         watch = self._watches.get(key.pid)
@@ -191,6 +214,10 @@ class EventSource:
         """The raw wait status of a process found dead, when it can be known."""
         return zombie_exit_status(watch.key)
 
+    def _found_dead(self, watch: Watch) -> tuple[int | None, str, int | None]:
+        """(status, evidence, kernel time) of a process found dead as its watch starts."""
+        return self._exit_status(watch), self.found_dead_evidence, None
+
     # -- shared transitions ------------------------------------------------------------
 
     def _finish(self, watch: Watch, status: int | None, source: str, kernel_ts_ns: int | None = None) -> None:
@@ -204,10 +231,70 @@ class EventSource:
         self.counters["exits"] += 1
         self._emit(Exited.from_wait_status(watch.key, status, source, kernel_ts_ns, time.monotonic_ns()))
 
-    def _track_child(self, parent: Watch, child: ProcessKey, kernel_ts_ns: int | None, source: str) -> None:
-        """A descendant of a tree-watched process appeared: report it and watch it too."""
+    def _track_child(self, parent: Watch, child: ProcessKey, kernel_ts_ns: int | None, source: str) -> Watch | None:
+        """A descendant of a tree-watched process appeared: watch it (as a tree), report
+        it, and if it is already dead, its exit right after. Returns its watch while it lives.
+
+        Watched before it is reported, so a consumer that watches it on `Forked` finds
+        it watched; reported before its death, so `Forked` always precedes `Exited`.
+        """
+        watch = self._adopt(child)
         self._emit(Forked(parent.key, child, source, kernel_ts_ns))
-        self.watch(child, descendants=True)
+        if self._watches.get(child.pid) is not watch:
+            return None  # unwatched (or finished) by the consumer meanwhile
+        if watch.extra.get("gone") or not self._alive(watch):
+            self._finish(watch, *self._found_dead(watch))
+            return None
+        return watch
+
+    def _adopt(self, child: ProcessKey) -> Watch:
+        """Watch a new descendant as a tree, without judging whether it lives. One gone
+        before it could be taken hold of stays watched, marked `gone`, until its death
+        is reported (by the caller; netlink: by its own exit record)."""
+        old = self._watches.get(child.pid)
+        if old is not None and old.key == child:
+            old.descendants = True
+            return old
+        if old is not None:
+            self._finish(old, self._exit_status(old), self.found_dead_evidence)
+        watch = Watch(child, True)
+        self._watches[child.pid] = watch
+        try:
+            self._attach(watch)
+        except NoSuchProcess:
+            watch.extra["gone"] = True
+        except (MonitorError, OSError) as err:
+            # Not followable (AccessDenied, EMFILE): left unwatched, so that the consumer's own
+            # watch() on its Forked meets the same refusal and can call it unobservable.
+            log.debug("%s cannot follow %s: %s", self.name, child, err)
+            del self._watches[child.pid]
+        return watch
+
+    def _take_existing(self, root: Watch) -> None:
+        """Every descendant the tree has now, as `Forked` of its parent, each then watched.
+
+        Each is watched before its own children are listed, so a child it forks in
+        between is seen either here or by the source's own fork tracking.
+        """
+        stack = [root]
+        while stack:
+            parent = stack.pop()
+            for pid in self._children_of(parent.key.pid):
+                if pid == parent.key.pid:
+                    continue
+                old = self._watches.get(pid)
+                try:
+                    key = old.key if old is not None else ProcessKey.of(pid)
+                except MonitorError:
+                    continue  # gone already
+                if old is not None and old.descendants:
+                    continue  # followed already (a fork event was quicker)
+                watch = self._track_child(parent, key, None, self.name)
+                if watch is not None:
+                    stack.append(watch)
+
+    def _children_of(self, pid: int) -> list[int]:
+        return children_of(pid)
 
     def resync(self) -> int:
         """Verify every watched key; each that died yields its `Exited`. Returns how many."""

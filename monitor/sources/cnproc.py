@@ -57,6 +57,7 @@ RECORD = struct.Struct("=24xI8xIIQ6i")  # one whole 76-byte message, see the tab
 MESSAGE_SIZE = RECORD.size  # 76
 WHAT_OFFSET = 36
 TGID_OFFSET = 56  # event_data word d1
+EXIT_PARENT_TGID_OFFSET = 72  # event_data word d5 of an exit: its parent's tgid
 
 # Classic BPF (include/uapi/linux/filter.h)
 SO_ATTACH_FILTER = 26
@@ -97,7 +98,8 @@ def _swapped(value: int, fmt: str = "=I") -> int:
     return int.from_bytes(struct.pack(fmt, value), "big")
 
 
-def bpf_program(event_mask: int | None, tgids: Sequence[int] | None = None, *, pass_forks_and_execs: bool = False) -> bytes:
+def bpf_program(event_mask: int | None, tgids: Sequence[int] | None = None, *, pass_forks_and_execs: bool = False,
+                exits_of_children_of: int | None = None) -> bytes:
     """A classic BPF socket filter for proc-connector messages; acks always pass.
 
     `event_mask`: keep only these event types (for kernels before 6.6, which cannot
@@ -105,7 +107,9 @@ def bpf_program(event_mask: int | None, tgids: Sequence[int] | None = None, *, p
     events of these thread groups (d1 at offset 56 is the parent's tgid for a fork and
     the process's for exec and exit), so a fork storm elsewhere never wakes us;
     None keeps every group. With `pass_forks_and_execs`, forks and execs pass whatever
-    their tgid (a watched tree's new children are not in the list yet).
+    their tgid (a watched tree's new children are not in the list yet). With
+    `exits_of_children_of`, the exits of that tgid's children pass too (a probe child's,
+    whose PID cannot be in a filter built before it was spawned).
 
     Every jump is short: each accepting test is followed by its own `ret`, so no
     offset exceeds the 8-bit jt/jf of classic BPF however long the list.
@@ -130,6 +134,11 @@ def bpf_program(event_mask: int | None, tgids: Sequence[int] | None = None, *, p
     insns.append(SOCK_FILTER.pack(BPF_LD_W_ABS, 0, 0, TGID_OFFSET))
     for tgid in sorted(set(tgids)):
         insns += accept_if(_swapped(tgid, "=i"))
+    if exits_of_children_of is not None:
+        insns += [SOCK_FILTER.pack(BPF_LD_W_ABS, 0, 0, WHAT_OFFSET),
+                  SOCK_FILTER.pack(BPF_JMP_JEQ_K, 0, 3, _swapped(PROC_EVENT_EXIT)),  # not an exit: to the reject
+                  SOCK_FILTER.pack(BPF_LD_W_ABS, 0, 0, EXIT_PARENT_TGID_OFFSET),
+                  *accept_if(_swapped(exits_of_children_of, "=i"))]
     insns.append(reject)
     if len(insns) > BPF_MAXINSNS:
         raise ValueError(f"a filter for {len(tgids)} thread groups exceeds {BPF_MAXINSNS} instructions")

@@ -53,6 +53,9 @@ class FakeSource(EventSource):
     def _alive(self, watch: Watch) -> bool:
         return watch.key not in self._dead
 
+    def _children_of(self, pid: int) -> list[int]:
+        return []  # its processes exist only in the script
+
     def _exit_status(self, watch: Watch) -> int | None:
         return self._dead.get(watch.key)
 

@@ -33,6 +33,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any, Literal, Protocol
 
 from monitor.errors import AccessDenied, SourceUnavailable
@@ -196,13 +197,16 @@ class NetlinkSource(EventSource):
         self._filter_mode = "mask"
         self._program: bytes | None = None
         self._filter_refresh_pending = False
-        self._confirming = False  # no tgid filter then: the probe may exit before we learn its PID
+        self._draining = 0  # drains in progress (one may run inside another)
+        self._confirming = False  # the filter passes the probe's fork and exit then (ours as parent)
         self._sock: socket.socket | None = None
         self._reader: Reader | None = None
         self._check_gaps = False
         self._last_seq: dict[int, int] = {}
         self._confirm: asyncio.Future[None] | None = None
         self._probe_pids: set[int] = set()
+        self._expected: set[int] = set()  # PIDs about to be watched (see expect)
+        self._early_exits: dict[int, tuple[int, int]] = {}  # an expected PID's last exit: (status, ts)
         # All-events mode, for processes nobody watches (see _passing_exit):
         self._leaderless: set[int] = set()  # leader gone, threads live on
         self._born: set[int] = set()  # forked since we started, and not seen to exit
@@ -307,7 +311,9 @@ class NetlinkSource(EventSource):
                 "proc-connector subscriptions outside the initial user and PID namespaces",
             ) from err
         finally:
-            probe.wait()
+            probe.wait()  # its exit event is queued (or was dropped) before waitpid returns
+            if self._confirm.done():
+                self._drain()  # what the window let in, read while it is still the window's
             self._confirming = False
             for tgid in (own, probe.pid):
                 if tgid not in self._watches:
@@ -353,12 +359,24 @@ class NetlinkSource(EventSource):
         tgids: list[int] | None = None
         # Not with "none": there the per-CPU seq numbers detect loss, and a filter makes gaps.
         if (not self.all_events and self._filter_mode != "none"
-                and not self._confirming and len(self._watches) <= self.max_filtered_tgids):
-            tgids = list(self._watches)
+                and len(self._watches) + len(self._expected) <= self.max_filtered_tgids):
+            tgids = [*self._watches, *self._expected]
+        if tgids is not None and any(w.descendants for w in self._watches.values()):
+            # A tree's new child may fork and exit before its fork record is read and its
+            # tgid added here: a tgid list would make the kernel drop those records. The
+            # native reader's own filter follows trees in stream order instead.
+            tgids = None
+        # While the subscription is confirmed, the probe's events pass: its fork names our
+        # tgid as its parent's, and so does its exit. Every other process stays out even
+        # then: unfiltered, a busy host's events filled a small buffer in that window, and
+        # the kernel then dropped the first watched exit (ENOBUFS), or the probe's own.
+        own: int | None = None
+        if self._confirming and tgids is not None:
+            own = os.getpid()
+            tgids.append(own)
         program = None
         if type_mask is not None or tgids is not None:
-            trees = any(w.descendants for w in self._watches.values())
-            program = cnproc.bpf_program(type_mask, tgids, pass_forks_and_execs=trees)
+            program = cnproc.bpf_program(type_mask, tgids, exits_of_children_of=own)
         if program == self._program:
             return
         if program is None:
@@ -369,6 +387,32 @@ class NetlinkSource(EventSource):
         self.info["kernel_tgid_filter"] = tgids is not None
 
     # -- watching ---------------------------------------------------------------------
+
+    def expect(self, pids: Iterable[int]) -> None:
+        """Let these PIDs' exits through the filters now and keep the last one of each, so
+        a process that ends (and is reaped by its parent) between its key being taken and
+        its watch starting gets the status the kernel sent rather than none."""
+        new = set(pids) - self._expected
+        if not new:
+            return
+        self._expected |= new
+        if self._reader is not None:
+            for pid in new:
+                self._reader.watch_tgid(pid)
+        self._update_kernel_filter()
+
+    def _found_dead(self, watch: Watch) -> tuple[int | None, str, int | None]:
+        pid = watch.key.pid
+        if pid in self._expected:
+            # Its exit may still be queued in the socket: read what is there first. (That
+            # may finish this very watch, when it is registered: the caller checks.)
+            for _ in range(64):  # bounded: in all-events mode a storm never leaves it empty
+                if not self._drain():
+                    break
+            early = self._early_exits.pop(pid, None)
+            if early is not None:
+                return early[0], NETLINK, early[1]
+        return super()._found_dead(watch)
 
     def _attach(self, watch: Watch) -> None:
         try:
@@ -381,6 +425,8 @@ class NetlinkSource(EventSource):
         self._update_kernel_filter()
 
     def _release(self, watch: Watch) -> None:
+        self._expected.discard(watch.key.pid)  # its watch took over, and is over
+        self._early_exits.pop(watch.key.pid, None)
         if watch.fd is not None:
             os.close(watch.fd)
             watch.fd = None
@@ -442,21 +488,36 @@ class NetlinkSource(EventSource):
         return self._reader is not None and self._failure is None and self._reader.received >= self.backlog_records
 
     def _drain(self) -> int:
-        """Read what the socket holds and decide on each record; how many records."""
+        """Read and handle a batch of what is queued in the socket; how many records."""
         if self._reader is None:
             return 0
+        self._draining += 1
         try:
-            records, overrun = self._reader.drain()
-        except OSError as err:
-            self._fail(err)
-            return 0
-        self.counters["received"] += len(records)
-        handle = self._handle
-        for record in records:
-            handle(record)
-        if overrun:
-            self._overrun()
-        return len(records)
+            try:
+                records, overrun = self._reader.drain()
+            except OSError as err:
+                self._fail(err)
+                return 0
+            self.counters["received"] += len(records)
+            handle = self._handle
+            for record in records:
+                handle(record)
+            if overrun and not (self._confirming and not self._watches and not self.all_events):
+                # (An overflow while the subscription is confirmed, with nothing watched, lost
+                # nothing anyone is owed: a small buffer overflows with the probe's own events.)
+                self._overrun()
+            return len(records)
+        finally:
+            self._draining -= 1
+
+    def resync(self) -> int:
+        """Read what the kernel has queued first, then verify: a tree's member that died
+        with its records unread (its forks, then its exit) is not judged before them."""
+        if not self._draining and self._sock is not None and self._failure is None:
+            for _ in range(1000):  # bounded: a storm must not keep the verification waiting forever
+                if not self._drain():
+                    break
+        return super().resync()
 
     def _handle(self, record: Record) -> None:
         seq, what, cpu, ts, d0, d1, d2, d3, _d4, d5 = record
@@ -474,6 +535,8 @@ class NetlinkSource(EventSource):
                         self._born.discard(d1)
                         self._threaded.discard(d1)
                 # else: the leader (or one thread) exited while others live on: not a death
+            elif d1 in self._expected:
+                self._early_exits[d1] = (d2, ts)  # the group's last thread's comes last
             elif self.all_events:
                 self._passing_exit(d0, d1, d2, ts)
         elif what == PROC_EVENT_FORK and self.all_events:
@@ -483,7 +546,7 @@ class NetlinkSource(EventSource):
             self._born.add(d3)
             watch = self._watches.get(d1)
             if watch is not None and watch.descendants:
-                self._track_child(watch, self._new_child_key(d3, ts), ts, NETLINK)
+                self._follow_fork(watch, self._new_child_key(d3, ts), ts)
             elif self.event_mask & PROC_EVENT_FORK:
                 parent = watch.key if watch is not None else self._passing_key(d1)
                 self._emit(Forked(parent, self._passing_key(d3), NETLINK, ts))
@@ -500,13 +563,28 @@ class NetlinkSource(EventSource):
                 return  # a new thread, not a new process
             watch = self._watches.get(d1)
             if watch is not None and watch.descendants:
-                self._track_child(watch, self._new_child_key(d3, ts), ts, NETLINK)
+                self._follow_fork(watch, self._new_child_key(d3, ts), ts)
         elif what == PROC_EVENT_EXEC:
             watch = self._watches.get(d1)
             if watch is not None:
                 self._emit(Execed(watch.key, NETLINK, ts))
             elif self.all_events:
                 self._emit(Execed(self._passing_key(d1), NETLINK, ts))
+
+    def _follow_fork(self, parent: Watch, child: ProcessKey, ts: int) -> None:
+        """A fork record of a tree-watched parent (which may itself be gone already).
+
+        The child is followed even when it is gone too: the kernel sends a fork's record
+        before the child first runs (kernel/fork.c: copy_process calls
+        proc_fork_connector before kernel_clone wakes the child), so the child's own
+        records, its forks and then its exit, are later in this stream. Its `Exited`
+        comes from its exit record, after its forks have been followed; a lost record
+        is caught by the overrun's resync.
+        """
+        watch = self._adopt(child)
+        if watch.extra.get("gone") and self._reader is not None:
+            self._reader.watch_tgid(child.pid, True)  # _attach stopped before it
+        self._emit(Forked(parent.key, child, NETLINK, ts))
 
     def _on_probe_event(self, what: int, tgid: int, exit_parent_tgid: int) -> None:
         """An event of our probe child. It confirms the subscription only when it names us
