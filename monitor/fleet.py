@@ -32,7 +32,7 @@ from nats.js.kv import KeyValue
 from monitor import __version__
 from monitor.clock import Clock, SystemClock
 from monitor.config import NatsConfig
-from monitor.jetstream import HEARTBEAT_MISSES, Link, bucket, host_token, lock_key
+from monitor.jetstream import HEARTBEAT_MISSES, Link, bucket, cancel, host_token, lock_key
 from monitor.store import Record
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,8 @@ class FleetState:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="nats-fleet")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     def _session_key(self, session_id: str) -> str:
         return f"{self.token}.{session_id}"

@@ -126,6 +126,14 @@ async def connect(config: NatsConfig, **callbacks: Any) -> NatsClient:
     return client
 
 
+
+async def cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a task of ours and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
 class Link:
     """The daemon's connection to NATS: `jetstream()` waits for one; `failed()` drops it."""
 
@@ -224,11 +232,8 @@ class Link:
                 await client.close()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         client, self._client, self._js = self._client, None, None
         self._up.clear()
         if client is not None:

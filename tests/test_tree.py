@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -21,27 +20,13 @@ from typing import Any
 
 import pytest
 from conftest import Procs, arun
+from test_engine_real import _reap_all, _subreaper
 
 from monitor.engine import Engine
 from monitor.events import Exited, Forked, SessionStopped, Transition
 from monitor.identity import ProcessKey, read_stat
 from monitor.sources.netlink import NetlinkSource
 from monitor.tracker import Session
-
-
-def _subreaper(on: bool) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(36, int(on), 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-
-
-def reap_all() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 @pytest.fixture
@@ -57,7 +42,7 @@ def subreaper() -> Iterator[None]:
             with contextlib.suppress(psutil.Error):
                 child.kill()
         for _ in range(200):
-            reap_all()
+            _reap_all()
             if not psutil.Process().children():
                 break
             import time
@@ -135,7 +120,7 @@ def test_a_double_fork_race_never_loses_the_grandchild(decoder: str, tmp_path: P
                 os.kill(grandchild, signal.SIGKILL)
                 event = await asyncio.wait_for(stopped, 10)
                 assert event.reason == "exited" and event.exit_code == 0  # the root's status
-                reap_all()
+                _reap_all()
 
     arun(main(), timeout=120)
 
@@ -182,7 +167,7 @@ def test_an_attached_tree_takes_the_descendants_it_already_has(source_name: str,
             os.kill(sleeper, signal.SIGKILL)  # the middle sh's wait returns, and it exits: the tree is gone
             event = await asyncio.wait_for(stopped, 10)
             assert event.orphans == []
-        reap_all()
+        _reap_all()
 
     arun(main(), timeout=60)
 
@@ -215,7 +200,7 @@ def test_a_tree_sessions_lock_is_held_until_its_whole_tree_is_gone(tmp_path: Pat
             await asyncio.wait_for(stopped, 10)
             await engine.flush()
             assert str(tmp_path) not in engine.locks.locks
-        reap_all()
+        _reap_all()
 
     arun(main(), timeout=60)
 
@@ -266,7 +251,7 @@ def test_a_root_sessions_orphans_are_named_and_killed_when_asked(orphans: str, t
             assert not key.is_alive() and engine.orphaned() == []
             assert (terms.read_text() if terms.exists() else "") == ("TERM\n" if orphans == "kill" else "")  # then KILL
             assert engine.session(session.id).live_orphans() == []
-        reap_all()
+        _reap_all()
 
     arun(main(), timeout=60)
 
@@ -385,7 +370,7 @@ def test_orphans_through_the_cli_kept_and_listed_or_killed(procs: Procs, daemon_
                 gone = next(events)
             assert (gone["session_id"], gone["count"]) == (session["id"], 1)
             wait_for(lambda: json.loads(cli(d, "orphans", "--json").stdout) == [])
-            reap_all()
+            _reap_all()
     finally:
         d.proc.terminate()
         d.proc.wait(10)
@@ -479,7 +464,7 @@ def test_a_tree_watch_reports_each_member_forked_before_its_own_forks_and_exit(d
                 grandchild = int(pidfile.read_text())
                 os.kill(grandchild, signal.SIGKILL)
                 events = await asyncio.wait_for(tree_events(source, key, grandchild), 10)
-                reap_all()
+                _reap_all()
                 seen: set[ProcessKey] = {key}
                 ended: set[ProcessKey] = set()
                 for event in events:

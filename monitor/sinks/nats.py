@@ -16,7 +16,6 @@ The body is the event exactly as `events.subscribe` streams it, plus `host`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections import deque
@@ -28,7 +27,7 @@ from nats.js.errors import NotFoundError
 from monitor.clock import Clock, SystemClock
 from monitor.config import NatsConfig
 from monitor.errors import MonitorError
-from monitor.jetstream import Link, subject
+from monitor.jetstream import Link, cancel, subject
 from monitor.sinks.base import MAX_READY, READ_BATCH, Feed, Saver, StoreThread
 from monitor.store import CursorStore, Record
 
@@ -121,11 +120,8 @@ class NatsSink:
 
     async def close(self) -> None:
         """Stop publishing and write the cursor; what was in flight goes again (same id)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         if self._db is not None:
             await self.saver.flush()
             await self.thread.run(self._db.close)
