@@ -27,6 +27,7 @@ from monitor.hooks import run_hook, run_shell
 from monitor.identity import ProcessKey
 from monitor.store import Record
 from monitor.tracker import Session, Signal, SignalOrphans, Step, Watch
+from monitor.wrapper import remove_launch_files
 
 if TYPE_CHECKING:
     from monitor.committer import Work
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 FUSE_ACTION_TIMEOUT_S = 120.0
 HOOKS_AT_ONCE = 64  # a burst of stops runs its hooks this many at a time
-LAUNCH_FILES = (".launch", ".start", ".exit")  # what a launch leaves in the exit directory
 
 
 class Actions:
@@ -128,12 +128,8 @@ class Actions:
 
     def forget_launch_files(self, session_id: str) -> None:
         """A launch's files are evidence only until its stop is stored (then the store has it)."""
-        exit_dir = self.engine.exit_dir
-        if exit_dir is None:
-            return
-        for suffix in LAUNCH_FILES:
-            with contextlib.suppress(FileNotFoundError):
-                (exit_dir / f"{session_id}{suffix}").unlink()
+        if self.engine.exit_dir is not None:
+            remove_launch_files(self.engine.exit_dir, session_id)
 
     # -- hooks and fuse actions -------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from monitor.engine import Engine
 from monitor.errors import AccessDenied, MonitorError, StorageError
 from monitor.identity import ProcessKey
 from monitor.tracker import Session, new_session_id
-from monitor.wrapper import write_atomically
+from monitor.wrapper import remove_launch_files, write_atomically
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 10.0
@@ -204,9 +204,7 @@ class Launcher:
 
     def _forget(self, session_id: str, cgroup: Path | None) -> None:
         """A launch cut short before its go: its files and its cgroup go (nothing ran there)."""
-        for suffix in (".launch", ".start", ".exit"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.exit_dir / f"{session_id}{suffix}").unlink()
+        remove_launch_files(self.exit_dir, session_id)
         if cgroup is not None:
             cgroups.remove(cgroup)
 

@@ -63,16 +63,12 @@ class LaunchFiles:
             log.warning("ignoring an unreadable launch record %s: %s", launch, err)
             return None
         start, exit_file = launch.with_suffix(".start"), launch.with_suffix(".exit")
-        key = ran = None
+        key = None
         try:
             key = ProcessKey.from_dict(json.loads(start.read_text())["key"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        try:
-            ran = bool(json.loads(exit_file.read_text()).get("ran", True))
-        except (OSError, ValueError, AttributeError):
-            pass
-        return cls(session_id, record, key, exit_file, ran)
+        return cls(session_id, record, key, exit_file, ran(exit_file))
 
 
 def exit_file_status(session: Session) -> Exited | None:
@@ -134,13 +130,14 @@ def stop_dead(engine: Engine, session: Session, wall: float) -> Step:
         return engine.tracker.stop_unverifiable(session, "exited", None, wall)
     if status is None:
         return engine.tracker.stop_unverifiable(session, "lost", None, wall)
-    if session.exit_file and _ran(Path(session.exit_file)) is False:
+    if session.exit_file and ran(Path(session.exit_file)) is False:
         # Registered, but the daemon died before its go: the command never ran.
         return engine.tracker.stop_unverifiable(session, "not_started", None, wall)
     return engine.tracker.stop_unverifiable(session, "exited", status, wall)
 
 
-def _ran(exit_file: Path) -> bool | None:
+def ran(exit_file: Path) -> bool | None:
+    """Whether the launch's command got its go (its exit file says; None: no readable exit file)."""
     try:
         return bool(json.loads(exit_file.read_text()).get("ran", True))
     except (OSError, ValueError, AttributeError):

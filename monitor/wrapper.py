@@ -45,6 +45,16 @@ def write_atomically(path: Path, data: dict[str, Any]) -> None:
         os.close(dir_fd)
 
 
+LAUNCH_FILES = (".launch", ".start", ".exit")  # what a launch leaves in the exit directory
+
+
+def remove_launch_files(exit_dir: Path, session_id: str) -> None:
+    """A launch's files, once they are evidence of nothing (its stop stored, or it never ran)."""
+    for suffix in LAUNCH_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (exit_dir / f"{session_id}{suffix}").unlink()
+
+
 def become_subreaper() -> None:
     """Orphans of the command come to us, not to PID 1 (which may not reap them)."""
     try:
