@@ -124,12 +124,7 @@ class MinimalAsyncioNetlink(QueueSource):
             self._sock = None
             self._queue.put_nowait(None)
 
-
-
     def _readable(self) -> None:
-        from monitor.events import Exited
-        from monitor.sources.cnproc import MESSAGE_SIZE, PROC_EVENT_EXIT, RECORD
-
         assert self._sock is not None
         while True:
             try:
@@ -138,12 +133,21 @@ class MinimalAsyncioNetlink(QueueSource):
                 return
             except OSError:  # ENOBUFS: a lost target shows up as "missed" in the harness
                 continue
-            if len(data) != MESSAGE_SIZE:
-                continue
-            _seq, what, _cpu, ts, pid, tgid, status, *_ = RECORD.unpack(data)
-            if what == PROC_EVENT_EXIT and pid == tgid and tgid in self._watched:
-                key = self._watched.pop(tgid)
-                self._queue.put_nowait(Exited.from_wait_status(key, status, self.name, ts, time.monotonic_ns()))
+            exited = self._exited(data)
+            if exited is not None:
+                self._queue.put_nowait(exited)
+
+    def _exited(self, data: bytes) -> Any:
+        """The `Exited` of a watched process in one proc-connector message, else None."""
+        from monitor.events import Exited
+        from monitor.sources.cnproc import MESSAGE_SIZE, PROC_EVENT_EXIT, RECORD
+
+        if len(data) != MESSAGE_SIZE:
+            return None
+        _seq, what, _cpu, ts, pid, tgid, status, *_ = RECORD.unpack(data)
+        if what != PROC_EVENT_EXIT or pid != tgid or tgid not in self._watched:
+            return None
+        return Exited.from_wait_status(self._watched.pop(tgid), status, self.name, ts, time.monotonic_ns())
 
 
 class MinimalThreadNetlink(MinimalAsyncioNetlink):
@@ -170,21 +174,15 @@ class MinimalThreadNetlink(MinimalAsyncioNetlink):
         self._queue.put_nowait(None)
 
     def _run(self) -> None:
-        from monitor.events import Exited
-        from monitor.sources.cnproc import MESSAGE_SIZE, PROC_EVENT_EXIT, RECORD
-
         assert self._sock is not None
         while True:
             try:
                 data = self._sock.recv(8192)
             except OSError:
                 continue
-            if len(data) != MESSAGE_SIZE:
-                continue
-            _seq, what, _cpu, ts, pid, tgid, status, *_ = RECORD.unpack(data)
-            if what == PROC_EVENT_EXIT and pid == tgid and tgid in self._watched:
-                key = self._watched.pop(tgid)
-                self._listener(Exited.from_wait_status(key, status, self.name, ts, time.monotonic_ns()))
+            exited = self._exited(data)
+            if exited is not None:
+                self._listener(exited)
 
 
 def make_source(method: str) -> Any:
