@@ -64,10 +64,10 @@ def daemon(procs: Procs, public_dir: Path, tmp_path: Path) -> Iterator[Daemon]:
     d.proc.wait(10)
 
 
-def raw(path: Path, data: bytes) -> list[dict[str, Any]]:
+def raw(path: Path, data: bytes, timeout_s: float = 5.0) -> list[dict[str, Any]]:
     """Send raw bytes; every answer line until the daemon stops talking."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
+        s.settimeout(timeout_s)
         s.connect(str(path))
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)

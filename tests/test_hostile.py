@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import PYTHON, ROOT, Procs, arun, compile_c
+from test_daemon import raw
 
 from monitor.client import Client, UntrustedSocket
 from monitor.config import default_paths
@@ -159,15 +160,7 @@ def assert_served_and_idle(d: Daemon, quiet: Quiet, latencies: list[float] | Non
 
 def exchange(path: Path, data: bytes) -> list[dict[str, Any]]:
     """Send raw bytes on one connection, then read every answer line until it is quiet."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(GENEROUS_S)
-        s.connect(str(path))
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return [json.loads(line) for line in b"".join(chunks).splitlines() if line.strip()]
+    return raw(path, data, GENEROUS_S)
 
 
 # -- the hostile table ---------------------------------------------------------------------
