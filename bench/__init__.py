@@ -14,6 +14,7 @@ benchmark is one module here, and reads on its own:
     notify    exit -> webhook received / subscriber line; stalls; bursts    bench/notify.py
     fleet     exit -> event read from NATS JetStream; a burst of stops      bench/fleet.py
     fork_churn  one tree session's 10,000 forks: daemon CPU, first vs last  bench/fork_churn.py
+    machine   what a quiet spell costs: pages touched again, a wake-up      bench/machine.py
 
 A benchmark module has `TITLE`, its own `Sizes` with `FULL` and `QUICK`, `run(ctx) -> dict`
 (JSON-able results; `ctx.sizes` is FULL or QUICK) and `tables(result) -> str` (markdown,
@@ -28,4 +29,4 @@ processes, all reaped; the C helpers in bench/c/; the daemon), stats
 (`statistics.quantiles`), table (the one table printer), run (the command line).
 """
 
-BENCHMARKS = ("latency", "storm", "scale", "engine", "daemon", "notify", "fleet", "fork_churn")
+BENCHMARKS = ("latency", "storm", "scale", "engine", "daemon", "notify", "fleet", "fork_churn", "machine")

@@ -94,9 +94,10 @@ class MinimalAsyncioNetlink(QueueSource):
 
     A non-blocking socket with the exit-only mask on `loop.add_reader`, decoded
     with one struct call, each watched exit handed to the `async for` consumer
-    through an asyncio.Queue as an `Exited`: none of monitor's source code. Its gap
-    to the C listener is what Python + asyncio cost; netlink's gap to it is what
-    monitor's own event path costs.
+    through an asyncio.Queue as an `Exited`, or to a listener inside the read
+    callback (the `_cb` method): none of monitor's source code. Its gap to the C
+    listener is what Python + asyncio cost; netlink's gap to it is what monitor's
+    own event path costs.
     """
 
     name = "minimal"
@@ -104,6 +105,10 @@ class MinimalAsyncioNetlink(QueueSource):
     def __init__(self) -> None:
         super().__init__()
         self._sock: socket.socket | None = None
+        self._listener: Callable[[Any], None] | None = None
+
+    def set_listener(self, listener: Callable[[Any], None] | None) -> None:
+        self._listener = listener
 
     async def __aenter__(self) -> MinimalAsyncioNetlink:
         from monitor.sources import cnproc
@@ -134,7 +139,11 @@ class MinimalAsyncioNetlink(QueueSource):
             except OSError:  # ENOBUFS: a lost target shows up as "missed" in the harness
                 continue
             exited = self._exited(data)
-            if exited is not None:
+            if exited is None:
+                continue
+            if self._listener is not None:
+                self._listener(exited)
+            else:
                 self._queue.put_nowait(exited)
 
     def _exited(self, data: bytes) -> Any:
@@ -163,12 +172,8 @@ class MinimalThreadNetlink(MinimalAsyncioNetlink):
         sock.bind((0, cnproc.CN_IDX_PROC))
         sock.send(cnproc.subscribe_message(cnproc.PROC_CN_MCAST_LISTEN, cnproc.PROC_EVENT_EXIT))
         self._sock = sock
-        self._listener: Any = None
         threading.Thread(target=self._run, daemon=True).start()
         return self
-
-    def set_listener(self, listener: Any, threaded: bool = True) -> None:
-        self._listener = listener
 
     async def close(self) -> None:
         self._queue.put_nowait(None)
@@ -181,7 +186,7 @@ class MinimalThreadNetlink(MinimalAsyncioNetlink):
             except OSError:
                 continue
             exited = self._exited(data)
-            if exited is not None:
+            if exited is not None and self._listener is not None:
                 self._listener(exited)
 
 

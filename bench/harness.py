@@ -221,7 +221,7 @@ def reap_orphans() -> int:
         log(f"reaped {reaped} orphaned processes")
     return reaped
 
-C_PROGRAMS = {"target": [], "cnlisten": ["-pthread"], "storm": [], "sleepers": [], "spawner": [], "churner": []}
+C_PROGRAMS = {"target": [], "cnlisten": ["-pthread"], "storm": [], "sleepers": [], "spawner": [], "churner": [], "machine": []}
 
 
 def build_c_helpers(outdir: Path) -> dict[str, str]:

@@ -69,6 +69,7 @@ def latency_methods(ctx: Ctx) -> list[LatencyMethod]:
     methods = [
         LatencyMethod("c_listener", "C proc-connector listener (floor)", s.event_n),
         LatencyMethod("py_asyncio_minimal", "minimal asyncio reader, no monitor code (diagnostic)", s.event_n),
+        LatencyMethod("py_asyncio_minimal_cb", "minimal asyncio reader, listener callback (diagnostic)", s.event_n),
         LatencyMethod("py_thread_minimal", "minimal blocking-recv thread, no monitor code (diagnostic)", s.event_n),
         LatencyMethod("netlink_python", "netlink, python decoder", s.event_n, target_ratio=1.2),
         LatencyMethod("netlink_native", "netlink, native decoder", s.event_n, target_ratio=1.2),

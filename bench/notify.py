@@ -52,7 +52,8 @@ FULL = Sizes(notify_rounds=5, notify_n=1000, notify_burst_n=200, notify_churn_ev
 QUICK = Sizes(notify_rounds=2, notify_n=100, notify_burst_n=50, notify_churn_events=1500, warmup=1)
 
 
-NOTIFY_MEASURES = ("webhook_baseline", "webhook", "subscriber_baseline", "subscriber_commit_baseline", "subscriber", "stalled")
+NOTIFY_MEASURES = ("webhook_baseline", "webhook", "subscriber_baseline", "subscriber_commit_baseline", "mini_daemon",
+                   "subscriber", "stalled")
 
 # What each measure is held against. The subscriber's baseline does what the daemon must at
 # least do before it may send: learn of the exit, make it durable (one fsync'd commit),
@@ -60,6 +61,7 @@ NOTIFY_MEASURES = ("webhook_baseline", "webhook", "subscriber_baseline", "subscr
 NOTIFY_BASELINE_OF = {"webhook_baseline": "webhook_baseline", "webhook": "webhook_baseline",
                       "subscriber_baseline": "subscriber_baseline",
                       "subscriber_commit_baseline": "subscriber_commit_baseline",
+                      "mini_daemon": "subscriber_commit_baseline",
                       "subscriber": "subscriber_commit_baseline", "stalled": "subscriber_commit_baseline"}
 BURST_BASELINE_OF = {"webhook_baseline": "webhook_baseline", "webhook": "webhook_baseline",
                      "subscriber_baseline": "subscriber_baseline", "subscriber": "subscriber_baseline"}
@@ -70,6 +72,8 @@ NOTIFY_LABELS = {
     "webhook": "daemon: exit → `session.stopped` webhook received",
     "subscriber_baseline": "bench's own pidfd wait + a line over a socketpair (baseline, no commit)",
     "subscriber_commit_baseline": "bench's own pidfd wait + one fsync'd SQLite commit + a socketpair line (baseline)",
+    "mini_daemon": "minimal asyncio daemon, no monitor code: pidfd on its loop, the commit in a worker thread, "
+                   "a line to its subscriber (diagnostic, bench/mini_daemon.py)",
     "subscriber": "daemon: exit → `session.stopped` subscriber line read",
     "stalled": "the same, another subscriber stalled",
 }
@@ -422,6 +426,53 @@ def notify_baseline_sample(tag: str, tell: Callable[[str], None], wait: Callable
     return None if t1 is None else {"latency_us": (t1 - t0) / 1000}
 
 
+def mini_daemon(work: Path) -> tuple[Helper, Arrivals]:
+    """bench/mini_daemon.py on a socket of its own, and its one subscriber's lines."""
+    from bench.mini_daemon import subscribe
+
+    path = work / f"mini-{time.monotonic_ns()}.sock"
+    mini = role("mini_daemon", str(path), str(work / "mini.db"), name="minimal asyncio daemon")
+    try:
+        mini.expect("READY", 30)
+        sock = subscribe(str(path))
+    except BaseException:
+        mini.close(abandon=True)
+        raise
+    lines = sock.makefile("rb")
+
+    def tags() -> Any:
+        while line := lines.readline():
+            yield line.decode().strip()
+
+    def stop() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    arrivals = Arrivals("notify-mini-daemon", tags(), stop)
+    close = arrivals.close
+
+    def close_all() -> None:
+        close()
+        lines.close()
+        sock.close()
+
+    arrivals.close = close_all  # type: ignore[method-assign]
+    return mini, arrivals
+
+
+def notify_mini_daemon_sample(tag: str, mini: Helper, wait: Callable[[str, float], int | None]) -> dict[str, Any] | None:
+    """A sleeper watched by the minimal daemon, SIGKILLed at t0; `wait(tag)` says when its line came."""
+    child, pidfd = spawn_sleeper()
+    try:
+        mini.send(f"W {child.pid} {tag}")
+        mini.expect(f"W {child.pid}", 10)
+        t0 = time.monotonic_ns()
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        t1 = wait(tag, NOTIFY_TIMEOUT_S)
+    finally:
+        reap_sleeper(child, pidfd)
+    return None if t1 is None else {"latency_us": (t1 - t0) / 1000}
+
+
 def hook_arrival(rig: NotifyRig) -> Callable[[str, float], int | None]:
     def wait(tag: str, timeout_s: float) -> int | None:
         got = rig.wait_hook(tag, timeout_s)
@@ -463,6 +514,12 @@ def notify_phase(ctx: Ctx, rig: NotifyRig, key: str, n: int, round_: int) -> tup
             closers.append(subscriber.close)
             def sample(i: int) -> dict[str, Any] | None:
                 return notify_daemon_sample(rig, subscriber.wait)
+        elif key == "mini_daemon":
+            mini, arrivals = mini_daemon(rig.work)
+            closers += [arrivals.close, lambda: None if mini.close() else None]
+
+            def sample(i: int) -> dict[str, Any] | None:
+                return notify_mini_daemon_sample(f"r{round_}-{i}", mini, arrivals.wait)
         else:
             writer, lines = socketpair_arrivals()
             closers.append(lines.close)
