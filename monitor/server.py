@@ -511,16 +511,16 @@ class Server:
             missed = since is not None and (backlog[0].seq or 0 if backlog else last + 1) > since + 1
             writer.write(result(request.id, {"subscribed": True, "last_id": last, "missed": missed}))
             await writer.drain()
-            sent = since if since is not None else last
+            subscriber.sent = since if since is not None else last
             while backlog:
                 for record in backlog:
                     if subscriber.wants(record):
                         await subscriber.send(record)
-                sent = backlog[-1].seq or sent
-                backlog = await self.api.engine.records(sent, 1000) if sent < last else []
+                subscriber.sent = backlog[-1].seq or subscriber.sent
+                backlog = await self.api.engine.records(subscriber.sent, 1000) if subscriber.sent < last else []
+            subscriber.live = True
             while (live := await subscriber.next()) is not None:
-                if live.seq is not None and live.seq > sent:
-                    await subscriber.send(live)
+                await subscriber.send(live)
         except StorageError as err:  # a damaged page of the event log: say so, and end this stream only
             log.error("events.subscribe: cannot read the event log: %s", err)
             writer.write(error(request.id, STORAGE, str(err)))
@@ -577,6 +577,8 @@ class Subscriber:
         self.types = frozenset(types) if types is not None else None
         self.session = session
         self.queue: asyncio.Queue[Record | None] = asyncio.Queue(maxsize=buffer)
+        self.sent = 0  # the id of the last event written (a replayed one is not written twice)
+        self.live = False  # replay done: events are written as they are committed (see offer)
 
     def wants(self, record: Record) -> bool:
         if self.types is not None and record.type not in self.types:
@@ -584,6 +586,16 @@ class Subscriber:
         return self.session is None or str(record.payload.get("session_id") or "").startswith(self.session)
 
     def offer(self, record: Record) -> bool:
+        """Take a committed event: False when this subscriber's buffer is full.
+
+        A live subscriber that has nothing queued and nothing waiting in its socket's buffer
+        gets the line at once, from here: no task switch on the way from the commit to the
+        reader. Anything else queues, in order, for the stream task, which waits for the
+        reader between lines (and learns of a connection gone, writing to it)."""
+        transport = self.writer.transport
+        if self.live and self.queue.empty() and not transport.get_write_buffer_size() and not transport.is_closing():
+            self.write(record)
+            return True
         try:
             self.queue.put_nowait(record)
         except asyncio.QueueFull:
@@ -593,8 +605,13 @@ class Subscriber:
     async def next(self) -> Record | None:
         return await self.queue.get()
 
+    def write(self, record: Record) -> None:
+        if record.seq is not None and record.seq > self.sent:
+            self.writer.write(encode({"id": self.request_id, "event": record.public()}))
+            self.sent = record.seq
+
     async def send(self, record: Record) -> None:
-        self.writer.write(encode({"id": self.request_id, "event": record.public()}))
+        self.write(record)
         await self.writer.drain()
 
     def close(self) -> None:

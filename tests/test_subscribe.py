@@ -276,6 +276,55 @@ def test_a_stalled_subscriber_is_cut_off_and_slows_no_one(start: Daemons, tmp_pa
     assert "a subscriber fell 50 events behind; disconnected" in d.stderr()
 
 
+def test_a_slow_reader_gets_every_event_in_order_once(start: Daemons, tmp_path: Path) -> None:
+    """Lines go out from the commit itself while the reader keeps up, through the stream's
+    queue while it lags: a reader that stalls now and then, each time until far more is
+    committed than its socket holds, must still get each event once, in order, as the
+    daemon switches between the two under a churn that goes on."""
+    cycles, connections, lag = 1500, 4, 1600  # 1,600 events (~400 KB): more than the socket's buffers hold
+    d = start()
+    churn = tmp_path / "churn"
+    expected = {(kind, str(churn / f"d{i}")) for i in range(cycles) for kind in ("lock.acquired", "lock.released")}
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.settimeout(30)
+    slow.connect(str(d.socket))
+    slow.sendall(encode({"id": 1, "method": "events.subscribe", "params": {"types": ["lock.acquired", "lock.released"]}}))
+    progress = threading.Condition()
+    committed = [0]  # events the workers had answered
+
+    def work(first: int) -> None:
+        with Client(d.socket) as c:
+            for i in range(first, cycles, connections):
+                lock_cycle(c, churn / f"d{i}")
+                with progress:
+                    committed[0] += 2
+                    progress.notify_all()
+
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(connections)]
+    for w in workers:
+        w.start()
+    data = b""
+    try:
+        while (read := data.count(b"\n") - 1) < len(expected):  # the first line answers the subscribe
+            with progress:  # the stall: until the daemon must hold a backlog for us
+                assert progress.wait_for(lambda: committed[0] >= min(read + lag, len(expected)), 60)
+            target = min(read + lag // 2, len(expected))
+            while data.count(b"\n") - 1 < target:  # then catch up part of the way, the churn going on
+                chunk = slow.recv(65536)
+                assert chunk, "the daemon ended the stream"
+                data += chunk
+    finally:
+        for w in workers:
+            w.join(60)
+        slow.close()
+    answer, *lines = (json.loads(line) for line in data.splitlines())
+    assert answer["result"]["subscribed"] is True
+    events = [line["event"] for line in lines]
+    assert {(ev["type"], ev["directory"]) for ev in events} == expected
+    assert [ev["id"] for ev in events] == sorted({ev["id"] for ev in events})  # in order, each once
+
+
 def read_lines(fd: int, count: int, timeout_s: float = 15.0) -> list[str]:
     """`count` lines from a pipe, or fail after `timeout_s`."""
     data = b""
