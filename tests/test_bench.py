@@ -38,7 +38,7 @@ pytestmark = [
                        reason="the proc connector is not usable here"),
 ]
 
-EVENT_METHODS = ("c_listener", "py_asyncio_minimal", "py_thread_minimal", "netlink_python", "netlink_native",
+EVENT_METHODS = ("c_listener", "py_asyncio_minimal", "py_asyncio_minimal_cb", "py_thread_minimal", "netlink_python", "netlink_native",
                  "netlink_python_cb", "netlink_native_cb", "pidfd", "pidfd_cb", "cli_events")
 CLI_METHODS = ("cli_events", "cli_wait")
 IDLE_METHODS = ("c_listener_idle",)
@@ -266,7 +266,8 @@ def test_daemon_launch_numbers_are_sane(quick_daemon: dict[str, Any]) -> None:
 
 # -- the notify benchmark -------------------------------------------------------------------
 
-NOTIFY_MEASURES = {"webhook_baseline", "webhook", "subscriber_baseline", "subscriber_commit_baseline", "subscriber", "stalled"}
+NOTIFY_MEASURES = {"webhook_baseline", "webhook", "subscriber_baseline", "subscriber_commit_baseline", "mini_daemon",
+                   "subscriber", "stalled"}
 NOTIFY_BURSTS = {"webhook_baseline", "webhook", "subscriber_baseline", "subscriber"}
 
 
@@ -306,6 +307,7 @@ def test_notify_latencies_are_sane(quick_notify: dict[str, Any]) -> None:
     assert measures["webhook"]["baseline"] == "webhook_baseline"
     # The subscriber is held against what it must at least do: wait, one fsync'd commit, a line.
     assert measures["subscriber"]["baseline"] == measures["stalled"]["baseline"] == "subscriber_commit_baseline"
+    assert measures["mini_daemon"]["baseline"] == "subscriber_commit_baseline"  # the diagnostic: the same baseline
     assert measures["subscriber"]["target_ratio"] == 1.5 and isinstance(measures["subscriber"]["meets_target"], bool)
     for base in ("webhook_baseline", "subscriber_baseline", "subscriber_commit_baseline"):
         assert measures[base]["ratio_p50"] == pytest.approx(1.0)
@@ -375,3 +377,20 @@ def test_fork_churn_runs_and_accounts_for_every_child(tmp_path: Path) -> None:
     assert session["child_summary"] == {"running": 0, "exited": churn["pairs"], "unobservable": 0}
     assert session["first_cpu_ms"] > 0 and session["last_over_first"] is not None
     assert "last / first (target <= 1.2)" in result.stdout
+
+
+def test_machine_benchmark_reports_its_costs(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    result = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--only", "machine", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    data = json.loads(out.read_text())
+    assert set(data) == {"meta", "machine"}
+    machine = data["machine"]
+    assert set(machine["touch"]) == set(machine["exit_line_us"]) == {"0", "5", "50"}
+    for touch in machine["touch"].values():
+        assert touch["first_us"] > 0 and touch["again_us"] >= 0 and touch["huge_us"] > 0
+    assert all(us > 0 for us in machine["exit_line_us"].values())
+    for placement in ("other_cpu", "same_cpu"):
+        assert machine["wake"][placement]["write_us"] > 0 and machine["wake"][placement]["woken_us"] > 0
+    assert "| quiet before |" in result.stdout
