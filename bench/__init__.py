@@ -26,7 +26,9 @@ harness) is a module too, started as `python -m bench.<role>`: listener (a sourc
 test), engine_host (an Engine), echo and client (the daemon benchmark's baseline server
 and its clients), receiver (a webhook receiver). The shared parts: harness (child
 processes, all reaped; the C helpers in bench/c/; the daemon), stats
-(`statistics.quantiles`), table (the one table printer), run (the command line).
+(`statistics.quantiles`), table (the one table printer), run (the command line), targets
+(the project's goals read out of one run or the medians of several: `python -m bench.targets
+RUN.json...`, each beside its floor, the same kind of consumer with no monitor code).
 """
 
 BENCHMARKS = ("latency", "storm", "scale", "engine", "daemon", "notify", "fleet", "fork_churn", "machine")

@@ -485,7 +485,7 @@ def notify_phase(ctx: Ctx, rig: NotifyRig, key: str, n: int, round_: int) -> tup
     extra: dict[str, Any] = {}
     samples: list[dict[str, Any]] = []
     missed = 0
-    closers: list[Callable[[], None]] = []
+    closers: list[Callable[[], object]] = []
     try:
         if key in ("subscriber", "stalled"):
             # The same lock churn before both, so that the stalled subscriber is the only difference.
@@ -516,7 +516,7 @@ def notify_phase(ctx: Ctx, rig: NotifyRig, key: str, n: int, round_: int) -> tup
                 return notify_daemon_sample(rig, subscriber.wait)
         elif key == "mini_daemon":
             mini, arrivals = mini_daemon(rig.work)
-            closers += [arrivals.close, lambda: None if mini.close() else None]
+            closers += [arrivals.close, mini.close]
 
             def sample(i: int) -> dict[str, Any] | None:
                 return notify_mini_daemon_sample(f"r{round_}-{i}", mini, arrivals.wait)

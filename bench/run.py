@@ -21,6 +21,7 @@ from typing import Any
 from bench import BENCHMARKS
 from bench.harness import BenchError, Ctx, become_subreaper, build_c_helpers, close_all_helpers, log, reap_orphans
 from bench.stats import tidy
+from bench.targets import summary
 
 
 def module(name: str) -> ModuleType:
@@ -46,6 +47,8 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["meta"]
     out = [f"Measured with `scripts/bench{' --quick' if m['quick'] else ''}` on {m['date'][:10]}: Linux {m['kernel']}, "
            f"{m['cpus']} CPUs, Python {m['python']}. Every ratio is against a baseline measured in the same run.\n"]
+    if targets := summary([results]):
+        out.append(f"### The project's targets in this run (`python -m bench.targets` gives the medians of several)\n\n{targets}\n")
     for name in BENCHMARKS:
         if name not in results:
             continue
@@ -117,6 +120,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(tidy(results), indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(results))
+    if targets := summary([tidy(results)]):
+        print(f"\n## The project's targets in this run\n\n{targets}\n", flush=True)
     log(f"wrote {out} and {out.with_suffix('.md')}")
     return 1 if failed else 0
 

@@ -394,3 +394,20 @@ def test_machine_benchmark_reports_its_costs(tmp_path: Path) -> None:
     for placement in ("other_cpu", "same_cpu"):
         assert machine["wake"][placement]["write_us"] > 0 and machine["wake"][placement]["woken_us"] > 0
     assert "| quiet before |" in result.stdout
+
+
+def test_targets_are_read_out_of_runs_with_their_floors(quick_latency: dict[str, Any], tmp_path: Path) -> None:
+    from bench.targets import TARGETS, summary
+
+    text = summary([quick_latency, quick_latency])
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines()[2:]}
+    latency_targets = [t for t in TARGETS if t.measure(quick_latency) is not None]
+    assert len(rows) == len(latency_targets) >= 9  # every latency goal, and nothing this run did not measure
+    callback = rows["listener callback p50, native decoder"].split(" | ")
+    # run 1, run 2, median, met, floor: the floor is the minimal asyncio reader's callback in the same run
+    floor = quick_latency["latency"]["methods"]["py_asyncio_minimal_cb"]["ratio_p50"]
+    assert callback[-1].strip(" |") == f"{floor:.2f}×"
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(quick_latency))
+    printed = subprocess.run([sys.executable, "-m", "bench.targets", str(run)], cwd=ROOT, capture_output=True, text=True)
+    assert printed.returncode == 0 and "| target | goal | measured | met |" in printed.stdout
