@@ -222,23 +222,23 @@ class Store:
         try:
             # Only the statements that have rows: an exit usually changes one session and
             # adds its events, and every statement run is time on the path to the subscriber.
-            write(db, "INSERT INTO sessions(id, state, stopped_at, data) VALUES (?, ?, ?, ?) "
-                      "ON CONFLICT(id) DO UPDATE SET state = excluded.state, stopped_at = excluded.stopped_at, "
-                      "data = excluded.data",
-                  [(sid, state, stopped_at, data) for sid, (state, stopped_at, data) in batch.sessions.items()])
+            write_rows(db, "INSERT INTO sessions(id, state, stopped_at, data) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT(id) DO UPDATE SET state = excluded.state, stopped_at = excluded.stopped_at, "
+                           "data = excluded.data",
+                       [(sid, state, stopped_at, data) for sid, (state, stopped_at, data) in batch.sessions.items()])
             for table, rows in (("locks", batch.locks), ("fuses", batch.fuses)):
-                write(db, f"DELETE FROM {table} WHERE directory = ?", [(d,) for d, v in rows.items() if v is None])
-                write(db, f"INSERT INTO {table}(directory, data) VALUES (?, ?) "
-                          "ON CONFLICT(directory) DO UPDATE SET data = excluded.data",
-                      [(d, v) for d, v in rows.items() if v is not None])
-            write(db, "DELETE FROM children WHERE session_id = ? AND key = ?",
-                  [key for key, v in batch.children.items() if v is None])
-            write(db, "INSERT INTO children(session_id, key, data) VALUES (?, ?, ?) "
-                      "ON CONFLICT(session_id, key) DO UPDATE SET data = excluded.data",
-                  [(*key, v) for key, v in batch.children.items() if v is not None])
-            write(db, "INSERT INTO child_counts(session_id, exited, unobservable) VALUES (?, ?, ?) "
-                      "ON CONFLICT(session_id) DO UPDATE SET exited = excluded.exited, unobservable = excluded.unobservable",
-                  [(sid, *counts) for sid, counts in batch.child_counts.items()])
+                write_rows(db, f"DELETE FROM {table} WHERE directory = ?", [(d,) for d, v in rows.items() if v is None])
+                write_rows(db, f"INSERT INTO {table}(directory, data) VALUES (?, ?) "
+                               "ON CONFLICT(directory) DO UPDATE SET data = excluded.data",
+                           [(d, v) for d, v in rows.items() if v is not None])
+            write_rows(db, "DELETE FROM children WHERE session_id = ? AND key = ?",
+                       [key for key, v in batch.children.items() if v is None])
+            write_rows(db, "INSERT INTO children(session_id, key, data) VALUES (?, ?, ?) "
+                           "ON CONFLICT(session_id, key) DO UPDATE SET data = excluded.data",
+                       [(*key, v) for key, v in batch.children.items() if v is not None])
+            write_rows(db, "INSERT INTO child_counts(session_id, exited, unobservable) VALUES (?, ?, ?) "
+                           "ON CONFLICT(session_id) DO UPDATE SET exited = excluded.exited, unobservable = excluded.unobservable",
+                       [(sid, *counts) for sid, counts in batch.child_counts.items()])
             for record in batch.outbox:
                 cursor = db.execute("INSERT OR IGNORE INTO outbox(id, type, subject, payload, created_at) VALUES (?, ?, ?, ?, ?)",
                                     (record.id, record.type, record.subject, record.body, record.created_at))
@@ -287,7 +287,7 @@ class Store:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
 
 
-def write(db: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+def write_rows(db: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
     """`executemany`, skipped when there is nothing to write."""
     if rows:
         db.executemany(sql, rows)
