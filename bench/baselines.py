@@ -208,6 +208,7 @@ def make_source(method: str) -> Any:
         "poll_psutil_100ms": lambda: PollSource(interval_s=0.1),
         "kill0_1s": lambda: KillPoller(1.0),
         "py_asyncio_minimal": MinimalAsyncioNetlink,
+        "py_asyncio_minimal_idle": MinimalAsyncioNetlink,  # the same, left idle before each exit (bench/latency.py)
         "py_thread_minimal": MinimalThreadNetlink,
     }
     return factories[method.removesuffix("_cb")]()

@@ -79,8 +79,11 @@ def latency_methods(ctx: Ctx) -> list[LatencyMethod]:
         LatencyMethod("pidfd_cb", "pidfd, listener callback", s.event_n, target_ratio=1.3),
         LatencyMethod("cli_events", "`monitor events --json --type exit` (all events)", s.event_n,
                       target_ratio=1.25, target_ratio_p99=1.5, cli="events"),
-        LatencyMethod("c_listener_idle", f"C listener, idle {IDLE_S * 1000:.0f} ms before each exit (the floor for `monitor wait`)",
+        LatencyMethod("c_listener_idle", f"C listener, idle {IDLE_S * 1000:.0f} ms before each exit (the baseline of `monitor wait`)",
                       s.wait_n, idle_s=IDLE_S),
+        LatencyMethod("py_asyncio_minimal_idle_cb", f"minimal asyncio reader, listener callback, idle {IDLE_S * 1000:.0f} ms "
+                      "before each exit (diagnostic: the floor for `monitor wait`)", s.wait_n, idle_s=IDLE_S,
+                      baseline="c_listener_idle"),
         LatencyMethod("cli_wait", "`monitor wait PID` (one process per exit)", s.wait_n, target_ratio=1.25, cli="wait",
                       idle_s=IDLE_S, baseline="c_listener_idle"),
         LatencyMethod("poll_psutil_100ms", "poll every 0.1 s (PollSource)", s.poll_n, poll_period_s=0.1),

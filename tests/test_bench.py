@@ -41,7 +41,7 @@ pytestmark = [
 EVENT_METHODS = ("c_listener", "py_asyncio_minimal", "py_asyncio_minimal_cb", "py_thread_minimal", "netlink_python", "netlink_native",
                  "netlink_python_cb", "netlink_native_cb", "pidfd", "pidfd_cb", "cli_events")
 CLI_METHODS = ("cli_events", "cli_wait")
-IDLE_METHODS = ("c_listener_idle",)
+IDLE_METHODS = ("c_listener_idle", "py_asyncio_minimal_idle_cb")
 POLL_METHODS = ("poll_psutil_100ms", "kill0_1s")
 
 
@@ -81,7 +81,7 @@ def test_latency_numbers_are_sane(quick_latency: dict[str, Any]) -> None:
     sizes = quick_latency["latency"]["sizes"]
     expected_n = {m: sizes["event_n"] for m in EVENT_METHODS}
     expected_n.update(poll_psutil_100ms=sizes["poll_n"], kill0_1s=sizes["kill_n"], cli_wait=sizes["wait_n"],
-                      c_listener_idle=sizes["wait_n"])
+                      c_listener_idle=sizes["wait_n"], py_asyncio_minimal_idle_cb=sizes["wait_n"])
     for key, m in quick_latency["latency"]["methods"].items():
         if m.get("status") == "not built":
             assert "native" in key
