@@ -53,6 +53,9 @@ class Actions:
         self.cgroups = cgroups.CgroupReaper()  # a stopped session's cgroup goes when the kernel says it is empty
 
     def act(self, work: Work) -> None:
+        """A stored step's effects: its commands first (a stop's signal waits for nothing),
+        then its events to whoever reads them (subscribers, webhooks, the fleet: the
+        consumer before the housekeeping), then what its transitions set off."""
         step = work.step
         for command in step.commands:
             if isinstance(command, Signal):
@@ -62,6 +65,11 @@ class Actions:
             elif isinstance(command, SignalOrphans):
                 self._guarded("signalling orphans", members.signal_orphans, self.engine.tracker.sessions[command.session_id],
                               command.signum)
+        for record in work.records:
+            if record.seq is None:
+                continue  # refused by the store (a second stop): nothing happened
+            for record_listener in self.record_listeners:
+                self._guarded("an event listener", record_listener, record)
         for transition in step.transitions:
             if isinstance(transition, SessionStarted):
                 self._guarded("running on-start hooks", self.run_hooks, self.engine.tracker.sessions.get(transition.session_id),
@@ -72,11 +80,6 @@ class Actions:
                 self._guarded("running a fuse action", self.fuse_action, transition)
             for listener in self.listeners:
                 self._guarded("a transition listener", listener, transition)
-        for record in work.records:
-            if record.seq is None:
-                continue  # refused by the store (a second stop): nothing happened
-            for record_listener in self.record_listeners:
-                self._guarded("an event listener", record_listener, record)
         observer = self.engine.observer
         if step.cause_ns is not None and observer is not None and any(isinstance(t, SessionStopped) for t in step.transitions):
             observer.exit_to_stop((time.monotonic_ns() - step.cause_ns) / 1e9)
