@@ -33,9 +33,17 @@ def monitor(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
     return subprocess.run([*MONITOR, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def interruptible() -> None:
+    """A child's SIGINT as a terminal's foreground job has it (Popen's preexec_fn): these tests
+    press Ctrl-C, and a test run started with SIGINT ignored (nohup, a script's background
+    job) would hand that on to every command it starts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_monitor(procs: Procs, *args: str, ready: str = "listening with") -> subprocess.Popen[bytes]:
-    """`monitor ARGS -v`, returned once it says it is ready."""
-    proc = procs.spawn(*MONITOR, *args, "-v", cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """`monitor ARGS -v`, returned once it says it is ready; Ctrl-C reaches it."""
+    proc = procs.spawn(*MONITOR, *args, "-v", cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       preexec_fn=interruptible)
     assert proc.stderr is not None
     for line in proc.stderr:
         if ready.encode() in line:
@@ -391,7 +399,7 @@ def test_ctrl_c_is_130_in_every_command(daemon: Daemon, procs: Procs) -> None:
     sleeper = procs.spawn("sleep", "60")
     for args, ready in ((["events", "--daemon"], None), (["wait", str(sleeper.pid)], "waiting for"), (["events"], "listening with")):
         proc = procs.spawn(*MONITOR, "--socket", str(daemon.socket), *args, "-v", cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE)
+                           stderr=subprocess.PIPE, preexec_fn=interruptible)
         assert proc.stderr is not None
         if ready is not None:
             for line in proc.stderr:
