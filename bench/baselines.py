@@ -5,13 +5,14 @@ can do with a proc-connector socket."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from monitor.tasks import cancel
 
 
 class QueueSource:
@@ -66,9 +67,7 @@ class KillPoller(QueueSource):
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel(self._task)
             self._task = None
             self._queue.put_nowait(None)
 

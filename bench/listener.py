@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import resource
@@ -24,6 +23,7 @@ from typing import Any
 from bench.baselines import make_source
 from bench.harness import cpu_us, open_fds, rss_kib
 from bench.lines import StdinLines, say
+from monitor.tasks import cancel
 
 
 def report_exits_by_callback(source: Any, method: str) -> None:
@@ -122,9 +122,7 @@ async def storm_role(method: str, dump: str | None) -> None:
         await drained.wait()
         cpu = cpu_us() - state["cpu0"]
         stats = source.stats()
-        consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
+        await cancel(consumer)
     if dump:
         Path(dump).write_bytes(struct.pack(f"={len(passing)}i", *passing))
     say("DONE " + json.dumps({"watched": len(watched), "watched_exits_seen": len(seen & watched),

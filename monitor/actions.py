@@ -26,6 +26,7 @@ from monitor.events import FuseActionFailed, FuseFired, HookFailed, SessionStart
 from monitor.hooks import run_hook, run_shell
 from monitor.identity import ProcessKey
 from monitor.store import Record
+from monitor.tasks import cancel
 from monitor.tracker import Session, Signal, SignalOrphans, Step, Watch
 from monitor.wrapper import remove_launch_files
 
@@ -190,9 +191,7 @@ class Actions:
     async def close(self) -> None:
         self.cgroups.close()
         for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel(task)
 
 
 def send_through_pidfd(key: ProcessKey, signum: int) -> None:

@@ -32,8 +32,9 @@ from nats.js.kv import KeyValue
 from monitor import __version__
 from monitor.clock import Clock, SystemClock
 from monitor.config import NatsConfig
-from monitor.jetstream import HEARTBEAT_MISSES, Link, bucket, cancel, host_token, lock_key
+from monitor.jetstream import HEARTBEAT_MISSES, Link, bucket, host_token, lock_key
 from monitor.store import Record
+from monitor.tasks import cancel
 
 log = logging.getLogger(__name__)
 

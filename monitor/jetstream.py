@@ -35,6 +35,7 @@ from nats.js import JetStreamContext
 
 from monitor.config import NatsConfig, redact_url
 from monitor.sinks.base import Backoff
+from monitor.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,6 @@ async def connect(config: NatsConfig, **callbacks: Any) -> NatsClient:
     return client
 
 
-
-async def cancel(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a task of ours and wait until it has ended."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 class Link:
     """The daemon's connection to NATS: `jetstream()` waits for one; `failed()` drops it."""

@@ -75,6 +75,7 @@ from monitor.protocol import (
     result,
 )
 from monitor.store import Record
+from monitor.tasks import cancel_all
 from monitor.tracker import Session, UnknownSession
 from monitor.trust import check_directory, peer_credentials
 from monitor.webhooks import UnknownDelivery, Webhooks
@@ -390,11 +391,7 @@ class Server:
             subscriber.close()
         if self._connections:
             _done, pending = await asyncio.wait(self._connections, timeout=2.0)
-            for task in pending:
-                task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_all(pending)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

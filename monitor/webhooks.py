@@ -52,6 +52,7 @@ from monitor.config import Endpoint, ip_literal, non_public_kind
 from monitor.errors import MonitorError
 from monitor.sinks.base import MAX_READY, Backoff, Feed, StoreThread
 from monitor.store import Delivery, DeliveryStore, Record
+from monitor.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -419,14 +420,7 @@ class Webhooks:
 
     async def close(self) -> None:
         """Stop sending; what was in flight is sent again after a restart (same id)."""
-        for task in self._tasks:
-            task.cancel()
-        for worker in self.workers.values():
-            for task in list(worker.in_flight):
-                task.cancel()
-        for task in [*self._tasks, *(t for w in self.workers.values() for t in w.in_flight)]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all([*self._tasks, *(t for w in self.workers.values() for t in w.in_flight)])
         self._tasks.clear()
         if self._saving is not None:
             await self._saving

@@ -14,7 +14,6 @@ send and its record means one more send with the same id, never none.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from monitor.store import Record
+from monitor.tasks import cancel
 
 T = TypeVar("T")
 
@@ -146,8 +146,5 @@ class Saver:
 
     async def flush(self) -> None:
         """Write what is left now (the last word at a clean stop)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         await self.write()

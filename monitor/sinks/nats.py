@@ -27,9 +27,10 @@ from nats.js.errors import NotFoundError
 from monitor.clock import Clock, SystemClock
 from monitor.config import NatsConfig
 from monitor.errors import MonitorError
-from monitor.jetstream import Link, cancel, subject
+from monitor.jetstream import Link, subject
 from monitor.sinks.base import MAX_READY, READ_BATCH, Feed, Saver, StoreThread
 from monitor.store import CursorStore, Record
+from monitor.tasks import cancel
 
 log = logging.getLogger(__name__)
 

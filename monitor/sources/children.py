@@ -9,7 +9,6 @@ that is the price of these sources, and `doctor` says so.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ import psutil
 
 from monitor.errors import MonitorError
 from monitor.identity import ProcessKey
+from monitor.tasks import cancel
 
 if TYPE_CHECKING:
     from monitor.sources.base import EventSource
@@ -48,11 +48,8 @@ class ChildScanner:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._source.name}-children")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         pause = self._interval_s

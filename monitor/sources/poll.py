@@ -9,13 +9,13 @@ zombie whose /proc entry we may read, else None.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from monitor.errors import SourceUnavailable
 from monitor.events import POLL
 from monitor.identity import zombie_exit_status
 from monitor.sources.base import EventSource, Watch
 from monitor.sources.children import ChildScanner, children_by_parent
+from monitor.tasks import cancel
 
 DEFAULT_INTERVAL_S = 1.0
 
@@ -47,10 +47,7 @@ class PollSource(EventSource):
         self._task = self._loop.create_task(self._run(), name="poll-source")
 
     async def _close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def _run(self) -> None:
         try:
