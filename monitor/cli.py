@@ -863,6 +863,16 @@ def _types(text: str | None, known: tuple[str, ...]) -> list[str] | None:
     return names
 
 
+def subcommand(parent: argparse._SubParsersAction[Any], name: str, summary: str,
+               description: str | None = None) -> argparse.ArgumentParser:
+    """A command of `parent`: `summary` in the list of commands, `description` (by default the
+    summary as a sentence) atop its own help, which knows its own parser (for usage errors)."""
+    p: argparse.ArgumentParser = parent.add_parser(
+        name, help=summary, description=description or summary[0].upper() + summary[1:] + ".", formatter_class=HelpFormatter)
+    p.set_defaults(parser=p)
+    return p
+
+
 def _add_json(p: argparse.ArgumentParser, what: str = "print JSON (an error too: {\"error\": {\"code\", \"message\"}})") -> None:
     p.add_argument("--json", action="store_true", help=what)
 
@@ -911,10 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=summary, description=description or summary[0].upper() + summary[1:] + ".",
-                           formatter_class=HelpFormatter)
-        p.set_defaults(parser=p)
-        return p
+        return subcommand(sub, name, summary, description)
 
     p = command("wait", "wait for processes to exit and report how they ended",
                 "Wait for processes (not only your children) to exit. Exits with the status of the last PID named (or the "
@@ -1038,9 +1045,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse = p.add_subparsers(dest="fuse_command", required=True, metavar="ACTION")
 
     def fuse_command(name: str, summary: str) -> argparse.ArgumentParser:
-        q = fuse.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".", formatter_class=HelpFormatter)
-        q.set_defaults(parser=q)
-        return q
+        return subcommand(fuse, name, summary)
 
     q = fuse_command("set", "set a directory's fuse (replacing one already there)")
     q.add_argument("directory", metavar="DIR", help="the directory")
@@ -1059,7 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fleetcli.add_parser(command("fleet", "every host's sessions, locks and events, from NATS JetStream",
                                 "Read the fleet from NATS JetStream: what each daemon with a [nats] table publishes."),
-                        HelpFormatter, parse_duration, _types, _add_json)
+                        subcommand, parse_duration, _types, _add_json)
     return parser
 
 

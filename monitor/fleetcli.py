@@ -30,13 +30,12 @@ class FleetUnreachable(MonitorError):
 COMMANDS = ("hosts", "list", "locks", "events")
 
 
-def add_parser(p: argparse.ArgumentParser, formatter: Any, parse_duration: Any, types: Any, add_json: Any) -> None:
-    """`fleet`'s subcommands under `p`, described as every command is (monitor.cli)."""
+def add_parser(p: argparse.ArgumentParser, subcommand: Any, parse_duration: Any, types: Any, add_json: Any) -> None:
+    """`fleet`'s subcommands under `p`, made as every command is (monitor.cli.subcommand)."""
     fleet = p.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
 
     def command(name: str, summary: str) -> argparse.ArgumentParser:
-        q = fleet.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".", formatter_class=formatter)
-        q.set_defaults(parser=q)
+        q: argparse.ArgumentParser = subcommand(fleet, name, summary)
         return q
 
     def common(q: argparse.ArgumentParser) -> None:
