@@ -109,13 +109,19 @@ class MinimalAsyncioNetlink(QueueSource):
     def set_listener(self, listener: Callable[[Any], None] | None) -> None:
         self._listener = listener
 
-    async def __aenter__(self) -> MinimalAsyncioNetlink:
+    @staticmethod
+    def _subscribe() -> socket.socket:
+        """A proc-connector socket subscribed to exits only (the kernel handles the request
+        inside send(): subscribed once it returns)."""
         from monitor.sources import cnproc
 
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, cnproc.NETLINK_CONNECTOR)
         sock.bind((0, cnproc.CN_IDX_PROC))
-        # The kernel handles the request inside send(): subscribed once it returns.
         sock.send(cnproc.subscribe_message(cnproc.PROC_CN_MCAST_LISTEN, cnproc.PROC_EVENT_EXIT))
+        return sock
+
+    async def __aenter__(self) -> MinimalAsyncioNetlink:
+        sock = self._subscribe()
         sock.setblocking(False)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
         self._sock = sock
@@ -165,12 +171,7 @@ class MinimalThreadNetlink(MinimalAsyncioNetlink):
     name = "minimal_thread"
 
     async def __aenter__(self) -> MinimalThreadNetlink:
-        from monitor.sources import cnproc
-
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, cnproc.NETLINK_CONNECTOR)
-        sock.bind((0, cnproc.CN_IDX_PROC))
-        sock.send(cnproc.subscribe_message(cnproc.PROC_CN_MCAST_LISTEN, cnproc.PROC_EVENT_EXIT))
-        self._sock = sock
+        self._sock = self._subscribe()
         threading.Thread(target=self._run, daemon=True).start()
         return self
 
