@@ -77,6 +77,20 @@ def raw(path: Path, data: bytes, timeout_s: float = 5.0) -> list[dict[str, Any]]
     return [json.loads(line) for line in b"".join(chunks).splitlines() if line.strip()]
 
 
+def requests_in_turn(path: Path, requests: list[dict[str, Any]], timeout_s: float | None = None) -> list[dict[str, Any]]:
+    """Each request in turn on one raw connection (ids 0, 1, ...), its answer read before the next."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout_s)
+        s.connect(str(path))
+        f = s.makefile("rwb")
+        out = []
+        for i, request in enumerate(requests):
+            f.write(json.dumps({"id": i, **request}).encode() + b"\n")
+            f.flush()
+            out.append(json.loads(f.readline()))
+        return out
+
+
 def test_hello_and_a_session_lifecycle(daemon: Daemon, procs: Procs, tmp_path: Path) -> None:
     work = tmp_path / "repo"
     work.mkdir()
@@ -127,15 +141,7 @@ def _as_nobody(path: Path, requests: list[dict[str, Any]]) -> list[dict[str, Any
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(str(path))
-            f = s.makefile("rwb")
-            out = []
-            for i, request in enumerate(requests):
-                f.write(json.dumps({"id": i, **request}).encode() + b"\n")
-                f.flush()
-                out.append(json.loads(f.readline()))
-            os.write(write_end, json.dumps(out).encode())
+            os.write(write_end, json.dumps(requests_in_turn(path, requests)).encode())
         finally:
             os._exit(0)
     os.close(write_end)

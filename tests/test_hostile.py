@@ -33,7 +33,7 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import PYTHON, ROOT, Procs, arun, compile_c
-from test_daemon import raw
+from test_daemon import raw, requests_in_turn
 
 from monitor.client import Client, UntrustedSocket
 from monitor.config import default_paths
@@ -515,16 +515,7 @@ def as_user(uid: int, gid: int, groups: list[int], action: Callable[[], Any]) ->
 
 def requests_as(user: User, path: Path, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def talk() -> list[dict[str, Any]]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(GENEROUS_S)
-            s.connect(str(path))
-            f = s.makefile("rwb")
-            out = []
-            for i, request in enumerate(requests):
-                f.write(json.dumps({"id": i, **request}).encode() + b"\n")
-                f.flush()
-                out.append(json.loads(f.readline()))
-            return out
+        return requests_in_turn(path, requests, GENEROUS_S)
 
     result: list[dict[str, Any]] = as_user(user.uid, user.gid, user.groups, talk)
     return result
