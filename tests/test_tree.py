@@ -82,6 +82,17 @@ def stopped_future(engine: Engine, session_id: str) -> asyncio.Future[SessionSto
     return done
 
 
+async def release_root(engine: Engine, root: subprocess.Popen[bytes], session: Session) -> None:
+    """Let a session's root (a shell waiting for a line on stdin) go on and exit; return once
+    the engine has applied and stored its exit."""
+    assert root.stdin is not None
+    root.stdin.write(b"go\n")
+    root.stdin.close()
+    await asyncio.to_thread(root.wait)
+    await until(lambda: session.root_exit is not None)
+    await engine.flush()
+
+
 def running_pids(session: Session) -> set[int]:
     return {c.key.pid for c in session.children.values() if c.state == "running"}
 
@@ -156,11 +167,7 @@ def test_an_attached_tree_takes_the_descendants_it_already_has(source_name: str,
             await engine.flush()
             assert running_pids(session) == before  # taken at attach, not heard of by any fork
             stopped = stopped_future(engine, session.id)
-            root.stdin.write(b"go\n")
-            root.stdin.close()
-            await asyncio.to_thread(root.wait)
-            await until(lambda: session.root_exit is not None)
-            await engine.flush()
+            await release_root(engine, root, session)
             assert session.state == "running" and not stopped.done()
             middle = int(pidfile.read_text())
             (sleeper,) = before - {middle}
@@ -187,11 +194,7 @@ def test_a_tree_sessions_lock_is_held_until_its_whole_tree_is_gone(tmp_path: Pat
             assert root.stdin is not None
             session = await engine.attach(root.pid, policy="tree")
             stopped = stopped_future(engine, session.id)
-            root.stdin.write(b"go\n")
-            root.stdin.close()
-            await asyncio.to_thread(root.wait)
-            await until(lambda: session.root_exit is not None)
-            await engine.flush()
+            await release_root(engine, root, session)
             assert engine.locks.locks[str(tmp_path)].owner == session.key  # its root is dead, its tree is not
             with pytest.raises(LockHeld):
                 await engine.lock(str(tmp_path), by="someone else")
