@@ -23,10 +23,11 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nats.js import JetStreamContext, api
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from monitor import __version__
@@ -52,17 +53,37 @@ async def open_bucket(js: JetStreamContext, name: str, *, create: bool) -> KeyVa
                                                         description="monitor fleet state"))
 
 
-async def entries(kv: KeyValue, keys: str = ">", *, meta_only: bool = False) -> list[KeyValue.Entry]:
-    """Every live entry whose key matches `keys`, as of now."""
-    watcher = await kv.watch(keys, ignore_deletes=True, meta_only=meta_only)
-    found: list[KeyValue.Entry] = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # the marker: everything that was there has come
-                break
-            found.append(entry)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+@dataclass(frozen=True)
+class Entry:
+    """A live key of a bucket: its value, and when the server stored it (wall seconds)."""
+
+    key: str
+    value: bytes
+    stored_at: float | None
+
+
+async def entries(js: JetStreamContext, name: str, keys: str = ">") -> list[Entry]:
+    """Every live entry of the bucket `name` whose key matches `keys`, as of now.
+
+    Not through a KV watcher: nats-py's watcher can end its replay of what is there too
+    early while keys are being written (nats-io/nats.py#842: its "done" marker comes from a
+    per-message pending count that can touch 0 and rise again), and every host rewrites its
+    heartbeat key every few seconds, so a listing could miss hosts, or a rebuild miss stale
+    keys. Here the stream says in one answer which keys hold a message (a bucket is the
+    stream KV_<bucket>, its keys the subjects $KV.<bucket>.<key>: ADR-8), and each key's
+    last message is read; a delete or purge marker is no entry.
+    """
+    stream, prefix = f"KV_{name}", f"$KV.{name}."
+    info = await js.stream_info(stream, subjects_filter=prefix + keys)
+    found: list[Entry] = []
+    for subject in sorted(info.state.subjects or {}):
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except NotFoundError:
+            continue  # gone since the stream answered
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            continue
+        found.append(Entry(subject[len(prefix):], msg.data or b"", msg.time.timestamp() if msg.time else None))
     return found
 
 
@@ -83,6 +104,7 @@ class FleetState:
         self.present_sessions: set[str] = set()  # ids whose key we put (and did not delete)
         self.present_locks: set[str] = set()  # directories likewise
         self.buckets: dict[str, KeyValue] = {}
+        self.js: JetStreamContext | None = None  # the connection the buckets were opened on
         self.rebuilt_epoch = 0
         self.heartbeats = 0
         self.wake = asyncio.Event()
@@ -90,6 +112,7 @@ class FleetState:
         link.setups.append(self._open_buckets)
 
     async def _open_buckets(self, js: JetStreamContext) -> None:
+        self.js = js
         for what in (SESSIONS, LOCKS, HOSTS):
             kv = await open_bucket(js, bucket(self.config.stream, what), create=True)
             assert kv is not None
@@ -150,10 +173,12 @@ class FleetState:
         self.dirty_sessions.clear()
         self.dirty_locks.clear()
         sessions, locks = self.buckets[SESSIONS], self.buckets[LOCKS]
+        sessions_bucket, locks_bucket = bucket(self.config.stream, SESSIONS), bucket(self.config.stream, LOCKS)
         running = {s.id: s for s in self.engine.sessions()}
         held = dict(self.engine.locks.locks)
-        stale_sessions = {e.key for e in await entries(sessions, f"{self.token}.>", meta_only=True)}
-        stale_locks = {e.key for e in await entries(locks, f"{self.token}.>", meta_only=True)}
+        assert self.js is not None  # set with the buckets
+        stale_sessions = {e.key for e in await entries(self.js, sessions_bucket, f"{self.token}.>")}
+        stale_locks = {e.key for e in await entries(self.js, locks_bucket, f"{self.token}.>")}
         self.present_sessions.clear()
         self.present_locks.clear()
         for session_id, session in running.items():
@@ -206,13 +231,6 @@ class FleetState:
 # -- reading the fleet, from any machine -------------------------------------------------------
 
 
-def _created(entry: KeyValue.Entry) -> float | None:
-    created: Any = entry.created
-    if isinstance(created, datetime.datetime):
-        return created.timestamp()
-    return None
-
-
 class Fleet:
     """The fleet as the buckets and the stream show it."""
 
@@ -221,9 +239,10 @@ class Fleet:
         self.config = config
         self.now = now
 
-    async def _entries(self, what: str, keys: str = ">") -> list[KeyValue.Entry]:
-        kv = await open_bucket(self.js, bucket(self.config.stream, what), create=False)
-        return [] if kv is None else await entries(kv, keys)
+    async def _entries(self, what: str, keys: str = ">") -> list[Entry]:
+        name = bucket(self.config.stream, what)
+        kv = await open_bucket(self.js, name, create=False)
+        return [] if kv is None else await entries(self.js, name, keys)
 
     async def hosts(self) -> list[dict[str, Any]]:
         """Every host that ever put a heartbeat, with `status` up or unreachable, by name."""
@@ -231,7 +250,7 @@ class Fleet:
         now = self.now()
         for entry in await self._entries(HOSTS):
             beat = json.loads(entry.value or b"{}")
-            seen = _created(entry) or float(beat.get("at") or 0.0)
+            seen = entry.stored_at or float(beat.get("at") or 0.0)
             age = max(0.0, now - seen)
             interval = float(beat.get("heartbeat_s") or self.config.heartbeat_s)
             found.append({**beat, "token": entry.key, "last_seen": seen, "age_s": round(age, 3),

@@ -422,3 +422,47 @@ def test_fleet_with_an_unreachable_server_exits_3_without_secrets(tmp_path: Path
     out = subprocess.run([PYTHON, "-m", "monitor", "fleet", "list", "--nats", "nats://someone:pa55w0rd-x@127.0.0.1:9"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 3 and "cannot reach NATS" in out.stderr and "pa55w0rd-x" not in out.stderr, out.stderr
+
+
+def test_listing_a_bucket_while_a_key_is_rewritten_misses_no_key(server: NatsServer) -> None:
+    """A host rewrites its heartbeat key every few seconds while others list the buckets: every
+    listing must hold every key that was there throughout (nats-py's KV watcher could end its
+    replay early under such writes, and `monitor fleet hosts` once listed no host)."""
+    import nats
+
+    from monitor.fleet import entries, open_bucket
+
+    async def main() -> None:
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            kv = await open_bucket(js, "MONITOR_hosts", create=True)
+            assert kv is not None
+            steady = {f"host{i}": f'{{"n": {i}}}'.encode() for i in range(20)}
+            for key, value in steady.items():
+                await kv.put(key, value)
+            await kv.put("gone", b"{}")
+            await kv.delete("gone")
+            writing = True
+
+            async def heartbeat() -> None:
+                beat = 0
+                while writing:
+                    beat += 1
+                    await kv.put("beating", str(beat).encode())
+                    await asyncio.sleep(0)
+
+            writer = asyncio.get_running_loop().create_task(heartbeat())
+            try:
+                for _ in range(100):
+                    found = {e.key: e.value for e in await entries(js, "MONITOR_hosts")}
+                    assert {k: v for k, v in found.items() if k != "beating"} == steady  # the deleted key is no entry
+                    (one,) = await entries(js, "MONITOR_hosts", "host1")  # one key, with when the server stored it
+                    assert one.value == steady["host1"] and one.stored_at
+            finally:
+                writing = False
+                await writer
+        finally:
+            await nc.close()
+
+    arun(main(), timeout=60)
